@@ -1,0 +1,169 @@
+"""The `cascade` command. Each command imports what it needs when it runs, so `cascade serve` never
+loads training code and `cascade build` never starts Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from distill.config import BuildConfig, cascade_home
+
+app = typer.Typer(help="Cascade: a distilled int8 student first, the teacher only when the student is unsure.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+
+Home = Annotated[Path | None, typer.Option("--home", help="Model home (default $CASCADE_HOME or ./models).")]
+Tiny = Annotated[bool, typer.Option("--tiny", help="Tiny models on a few hundred texts (for tests).")]
+
+
+def _home(home: Path | None) -> Path:
+    return (home or cascade_home()).resolve()
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=1)
+
+
+@app.command()
+def build(
+    home: Home = None,
+    tiny: Tiny = False,
+    if_missing: Annotated[bool, typer.Option("--if-missing", help="Do nothing if a current bundle exists.")] = False,
+    promote: Annotated[bool, typer.Option(help="Make the new bundle current.")] = True,
+) -> None:
+    """Fine-tune the teacher, distill and quantize the student, calibrate, evaluate and register a bundle."""
+    from distill.registry import BundleError, Registry
+
+    home = _home(home)
+    registry = Registry(home)
+    if if_missing and registry.current_version():
+        try:
+            registry.load()
+            typer.echo(f"current bundle {registry.current_version()} is present in {home}; nothing to build")
+            return
+        except BundleError as exc:
+            typer.echo(f"current bundle is unusable ({exc}); rebuilding")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from distill.build import build as run_build
+    from distill.evaluate import format_report
+
+    bundle = run_build(BuildConfig.preset(tiny), home, promote=promote)
+    report = json.loads((bundle.path / "report.json").read_text())
+    typer.echo(format_report(report))
+    typer.echo(f"\nbuilt {bundle.version} in {report['build_seconds'] / 60:.1f} min -> {bundle.path}")
+
+
+@app.command("eval")
+def evaluate(
+    home: Home = None,
+    version: Annotated[str | None, typer.Option(help="Registry version (default: current).")] = None,
+    tiny: Annotated[bool, typer.Option("--tiny", help="Evaluate on the tiny subset (tests).")] = False,
+    save: Annotated[bool, typer.Option(help="Store the measurements in the bundle's report.json.")] = True,
+) -> None:
+    """Measure a bundle on the test split now: accuracies with bootstrap CIs, operating point, speed, size."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from distill.build import default_splits
+    from distill.evaluate import evaluate_bundle, format_report
+    from distill.registry import BundleError, Registry
+
+    try:
+        bundle = Registry(_home(home)).load(version)
+    except BundleError as exc:
+        _fail(str(exc))
+    cfg = BuildConfig.preset(tiny or bundle.manifest.build.get("name") == "tiny")
+    evaluation = evaluate_bundle(bundle, default_splits(cfg), bootstrap_samples=cfg.bootstrap_samples,
+                                 latency_runs=cfg.latency_runs, threads=cfg.threads)
+    report_path = bundle.path / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    report["evaluation"] = evaluation
+    if save:
+        report_path.write_text(json.dumps(report, indent=2))
+    typer.echo(format_report(report))
+
+
+@app.command()
+def calibrate(
+    home: Home = None,
+    version: Annotated[str | None, typer.Option(help="Registry version (default: current).")] = None,
+    teacher_share: Annotated[float | None, typer.Option(
+        min=0.0, max=1.0, help="Send this share of texts to the teacher instead of targeting agreement.")] = None,
+    target_agreement: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Smallest teacher share whose answers agree with the teacher this often.")] = 0.97,
+) -> None:
+    """Pick the deferral threshold on val and write it into the bundle's manifest for serving to read."""
+    import numpy as np
+
+    from distill.build import CALIBRATION_FILE
+    from distill.evaluate import operating_curve_png, pick_operating_point
+    from distill.registry import BundleError, Registry
+    from routing.confidence import ConfidenceMeasure, softmax
+
+    registry = Registry(_home(home))
+    try:
+        bundle = registry.load(version)
+    except BundleError as exc:
+        _fail(str(exc))
+    manifest = bundle.manifest
+    with np.load(bundle.path / CALIBRATION_FILE, allow_pickle=False) as saved:
+        student_logits, teacher_logits, labels = saved["student_logits"], saved["teacher_logits"], saved["labels"]
+    chosen, points = pick_operating_point(
+        softmax(student_logits, manifest.temperatures.student), softmax(teacher_logits, manifest.temperatures.teacher),
+        labels, ConfidenceMeasure(manifest.confidence_measure),
+        target_agreement=None if teacher_share is not None else target_agreement, teacher_share=teacher_share,
+    )
+    registry.save_manifest(bundle, manifest.model_copy(update={"threshold": chosen.threshold}))
+    curve = bundle.path / "operating_curve.calibrate.png"
+    operating_curve_png(points, chosen, curve, "Deferral sweep on val")
+    typer.echo(json.dumps({"version": bundle.version, "threshold": chosen.threshold,
+                           "val_teacher_share": chosen.teacher_share,
+                           "val_agreement_with_teacher": chosen.agreement_with_teacher,
+                           "val_accuracy": chosen.accuracy, "curve": str(curve)}, indent=2))
+
+
+@app.command()
+def versions(home: Home = None) -> None:
+    """List registry versions; the current one is marked."""
+    from distill.registry import Registry
+
+    registry = Registry(_home(home))
+    current = registry.current_version()
+    for version in registry.versions():
+        typer.echo(f"{'*' if version == current else ' '} {version}")
+
+
+@app.command()
+def promote(version: str, home: Home = None) -> None:
+    """Make VERSION current (checksums verified first); a running gateway swaps to it."""
+    from distill.registry import BundleError, Registry
+
+    try:
+        Registry(_home(home)).promote(version)
+    except BundleError as exc:
+        _fail(str(exc))
+    typer.echo(f"current -> {version}")
+
+
+@app.command()
+def rollback(home: Home = None) -> None:
+    """Return `current` to the version before the last promotion."""
+    from distill.registry import BundleError, Registry
+
+    try:
+        version = Registry(_home(home)).rollback()
+    except BundleError as exc:
+        _fail(str(exc))
+    typer.echo(f"current -> {version}")
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app(prog_name="cascade")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

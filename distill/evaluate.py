@@ -1,0 +1,231 @@
+"""Evaluation of a bundle: accuracy with bootstrap intervals, calibration, operating point, speed, size.
+
+Everything here is measured when called; nothing is copied from an earlier report.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distill.data import Dataset, Splits
+from distill.registry import CURVE_FILE, Bundle
+from routing.calibration import (
+    OperatingPoint,
+    cascade_answers,
+    choose_threshold,
+    expected_calibration_error,
+    sweep,
+)
+from routing.confidence import ConfidenceMeasure, softmax
+from serving.runtime import StudentRuntime, TeacherRuntime
+
+
+def bootstrap_interval(correct: np.ndarray, samples: int, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the mean of a 0/1 vector."""
+    rng = np.random.default_rng(seed)
+    index = rng.integers(0, len(correct), size=(samples, len(correct)))
+    means = correct[index].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def accuracy_entry(predictions: np.ndarray, labels: np.ndarray, samples: int) -> dict[str, float]:
+    correct = (predictions == labels).astype(np.float64)
+    low, high = bootstrap_interval(correct, samples)
+    return {"accuracy": float(correct.mean()), "ci_low": low, "ci_high": high}
+
+
+def tfidf_baseline(splits: Splits) -> float:
+    """TF-IDF + logistic regression, C chosen on val: the floor the teacher must clear."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1)
+    x_train = vectorizer.fit_transform(splits.train.texts)
+    best: tuple[float, float] = (-1.0, 1.0)
+    for c in (0.5, 1.0, 2.0, 4.0, 8.0):
+        model = LogisticRegression(C=c, max_iter=2000).fit(x_train, splits.train.labels)
+        best = max(best, (model.score(vectorizer.transform(splits.val.texts), splits.val.labels), c))
+    model = LogisticRegression(C=best[1], max_iter=2000).fit(x_train, splits.train.labels)
+    return float(model.score(vectorizer.transform(splits.test.texts), splits.test.labels))
+
+
+def per_text_latency_ms(predict, texts: list[str], runs: int) -> dict[str, float]:
+    """Batch-1 latency, tokenization included, after a short warm-up."""
+    for text in texts[:5]:
+        predict([text])
+    timings = []
+    for i in range(runs):
+        text = texts[i % len(texts)]
+        start = time.perf_counter()
+        predict([text])
+        timings.append((time.perf_counter() - start) * 1000.0)
+    timings.sort()
+    return {"p50_ms": statistics.median(timings), "p99_ms": timings[min(len(timings) - 1, int(0.99 * len(timings)))]}
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def operating_curve_png(points: list[OperatingPoint], chosen: OperatingPoint, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shares = [p.teacher_share for p in points]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    ax.plot(shares, [p.agreement_with_teacher for p in points], label="agreement with teacher")
+    if points and points[0].accuracy is not None:
+        ax.plot(shares, [p.accuracy for p in points], label="cascade accuracy")
+    ax.axvline(chosen.teacher_share, color="grey", linestyle="--", linewidth=1)
+    ax.scatter([chosen.teacher_share], [chosen.agreement_with_teacher], color="black", zorder=3,
+               label=f"operating point (threshold {chosen.threshold:.3f})")
+    ax.set_xlabel("share of texts sent to the teacher")
+    ax.set_ylabel("fraction")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def thin_curve(points: list[OperatingPoint], keep: int = 200) -> list[dict[str, float | None]]:
+    step = max(1, len(points) // keep)
+    return [p.as_dict() for p in points[::step]] + ([points[-1].as_dict()] if points else [])
+
+
+def evaluate_bundle(bundle: Bundle, splits: Splits, *, bootstrap_samples: int, latency_runs: int,
+                    threads: int = 2, teacher_logits_test: np.ndarray | None = None) -> dict[str, Any]:
+    """Measure a bundle on the test split the way it is served: int8 student, calibrated confidences."""
+    manifest = bundle.manifest
+    test: Dataset = splits.test
+    student = StudentRuntime(bundle.student_path, bundle.tokenizer_dir, manifest.max_length, threads)
+    teacher = TeacherRuntime(bundle.teacher_dir, bundle.tokenizer_dir, manifest.max_length, threads)
+    student_logits = np.concatenate([student.logits(test.texts[i : i + 64]) for i in range(0, len(test), 64)])
+    if teacher_logits_test is None:
+        teacher_logits_test = np.concatenate(
+            [teacher.logits(test.texts[i : i + 64]) for i in range(0, len(test), 64)]
+        )
+    measure = ConfidenceMeasure(manifest.confidence_measure)
+    student_probs = softmax(student_logits, manifest.temperatures.student)
+    teacher_probs = softmax(teacher_logits_test, manifest.temperatures.teacher)
+    answers, deferred = cascade_answers(student_probs, teacher_probs, manifest.threshold, measure)
+    teacher_pred = teacher_probs.argmax(-1)
+    samples = bootstrap_samples
+
+    baseline = tfidf_baseline(splits)
+    teacher_acc = accuracy_entry(teacher_pred, test.labels, samples)
+    student_acc = accuracy_entry(student_probs.argmax(-1), test.labels, samples)
+    cascade_acc = accuracy_entry(answers, test.labels, samples)
+    gap = (answers == test.labels).astype(float) - (teacher_pred == test.labels).astype(float)
+    gap_low, gap_high = bootstrap_interval(gap, samples, seed=1)
+
+    latency_texts = test.texts[:latency_runs]
+    student_latency = per_text_latency_ms(student.logits, latency_texts, latency_runs)
+    teacher_latency = per_text_latency_ms(teacher.logits, latency_texts, latency_runs)
+    teacher_bytes = directory_bytes(bundle.teacher_dir)
+    student_bytes = bundle.student_path.stat().st_size
+
+    test_curve = sweep(student_probs, teacher_probs, test.labels, measure)
+    return {
+        "version": manifest.version,
+        "test_texts": len(test),
+        "tfidf_logreg_accuracy": baseline,
+        "teacher": teacher_acc | {"gain_over_tfidf": teacher_acc["accuracy"] - baseline},
+        "student_int8": student_acc | {"ratio_to_teacher": student_acc["accuracy"] / teacher_acc["accuracy"]},
+        "cascade": cascade_acc | {
+            "threshold": manifest.threshold,
+            "teacher_share": float(deferred.mean()),
+            "agreement_with_teacher": float((answers == teacher_pred).mean()),
+            "accuracy_minus_teacher": float(gap.mean()),
+            "accuracy_minus_teacher_ci": [gap_low, gap_high],
+        },
+        "latency_batch1_threads": threads,
+        "student_latency": student_latency,
+        "teacher_latency": teacher_latency,
+        "speedup_p50": teacher_latency["p50_ms"] / student_latency["p50_ms"],
+        "student_bytes": student_bytes,
+        "teacher_bytes": teacher_bytes,
+        "size_ratio": student_bytes / teacher_bytes,
+        "test_curve": thin_curve(test_curve),
+    }
+
+
+def calibration_summary(logits: np.ndarray, labels: np.ndarray, temperature: float) -> dict[str, float]:
+    return {
+        "temperature": temperature,
+        "ece_before": expected_calibration_error(softmax(logits, 1.0), labels),
+        "ece_after": expected_calibration_error(softmax(logits, temperature), labels),
+    }
+
+
+def pick_operating_point(val_student_probs: np.ndarray, val_teacher_probs: np.ndarray, labels: np.ndarray,
+                         measure: ConfidenceMeasure, *, target_agreement: float | None,
+                         teacher_share: float | None) -> tuple[OperatingPoint, list[OperatingPoint]]:
+    points = sweep(val_student_probs, val_teacher_probs, labels, measure)
+    return choose_threshold(points, target_agreement=target_agreement, teacher_share=teacher_share), points
+
+
+def write_report(bundle_dir: Path, report: dict[str, Any]) -> None:
+    (bundle_dir / "report.json").write_text(json.dumps(report, indent=2))
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as a plain-text table, with the issue's acceptance checks beside the numbers."""
+    ev = report["evaluation"] if "evaluation" in report else report
+
+    def acc(entry: dict[str, float]) -> str:
+        return f"{entry['accuracy']:.4f} [{entry['ci_low']:.4f}, {entry['ci_high']:.4f}]"
+
+    teacher, student, cascade = ev["teacher"], ev["student_int8"], ev["cascade"]
+    rows = [
+        ("bundle", ev["version"], ""),
+        ("test texts", str(ev["test_texts"]), ""),
+        ("TF-IDF + logistic regression accuracy", f"{ev['tfidf_logreg_accuracy']:.4f}", ""),
+        ("teacher accuracy [95% CI]", acc(teacher), _check(teacher["accuracy"] >= 0.83, ">= 0.83")),
+        ("teacher gain over TF-IDF", f"{teacher['gain_over_tfidf'] * 100:+.1f} points", ""),
+        ("int8 student accuracy [95% CI]", acc(student),
+         _check(student["ratio_to_teacher"] >= 0.97, f"{student['ratio_to_teacher']:.3f} x teacher, >= 0.97")),
+        ("cascade accuracy [95% CI]", acc(cascade),
+         _check(cascade["accuracy_minus_teacher"] >= -0.005,
+                f"{cascade['accuracy_minus_teacher'] * 100:+.2f} points vs teacher, >= -0.5")),
+        ("cascade - teacher [95% CI]",
+         f"[{cascade['accuracy_minus_teacher_ci'][0] * 100:+.2f}, {cascade['accuracy_minus_teacher_ci'][1] * 100:+.2f}]"
+         " points", ""),
+        ("threshold (calibrated max prob)", f"{cascade['threshold']:.4f}", ""),
+        ("texts sent to teacher", f"{cascade['teacher_share'] * 100:.1f}%",
+         _check(cascade["teacher_share"] <= 0.15, "<= 15%")),
+        ("cascade agrees with teacher", f"{cascade['agreement_with_teacher'] * 100:.1f}%",
+         _check(cascade["agreement_with_teacher"] >= 0.97, ">= 97%")),
+        (f"student latency p50 / p99 (batch 1, {ev['latency_batch1_threads']} threads)",
+         f"{ev['student_latency']['p50_ms']:.2f} / {ev['student_latency']['p99_ms']:.2f} ms", ""),
+        ("teacher latency p50 / p99 (PyTorch fp32)",
+         f"{ev['teacher_latency']['p50_ms']:.2f} / {ev['teacher_latency']['p99_ms']:.2f} ms", ""),
+        ("speed-up (p50)", f"{ev['speedup_p50']:.1f}x", _check(ev["speedup_p50"] >= 6, ">= 6x")),
+        ("student file / teacher weights",
+         f"{ev['student_bytes'] / 1e6:.1f} MB / {ev['teacher_bytes'] / 1e6:.1f} MB = {ev['size_ratio']:.3f}",
+         _check(ev["size_ratio"] <= 0.25, "<= 0.25")),
+    ]
+    if "calibration" in report:
+        for model in ("student", "teacher"):
+            c = report["calibration"][model]
+            rows.append((f"{model} ECE before -> after (T={c['temperature']:.2f})",
+                         f"{c['ece_before']:.4f} -> {c['ece_after']:.4f}", ""))
+    width = max(len(r[0]) for r in rows)
+    value_width = max(len(r[1]) for r in rows)
+    return "\n".join(f"{name:<{width}}  {value:<{value_width}}  {check}".rstrip() for name, value, check in rows)
+
+
+def _check(ok: bool, target: str) -> str:
+    return f"{'PASS' if ok else 'FAIL'} ({target})"
+
+
+__all__ = ["CURVE_FILE", "evaluate_bundle", "format_report"]

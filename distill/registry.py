@@ -1,0 +1,234 @@
+"""The model registry: versioned, checksummed bundles and an atomically switched ``current`` pointer.
+
+This module is read on the serving path, so it imports no training code (no torch, no transformers).
+Layout under ``$CASCADE_HOME``::
+
+    registry/<version>/teacher/        Hugging Face directory (safetensors)
+    registry/<version>/tokenizer/      Hugging Face tokenizer files
+    registry/<version>/student.onnx    int8 student
+    registry/<version>/manifest.json   labels, temperatures, threshold, sha256 of every file, lineage, metrics
+    registry/<version>/report.json, operating_curve.png
+    registry/current                   the served version (replaced atomically)
+    registry/history.jsonl             every switch of ``current``, for rollback
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+MANIFEST = "manifest.json"
+STUDENT_FILE = "student.onnx"
+TEACHER_DIR = "teacher"
+TOKENIZER_DIR = "tokenizer"
+REPORT_FILE = "report.json"
+CURVE_FILE = "operating_curve.png"
+
+
+class BundleError(RuntimeError):
+    """A bundle is missing, incomplete or altered; the message names the file."""
+
+
+class Temperatures(BaseModel):
+    student: float = Field(1.0, gt=0)
+    teacher: float = Field(1.0, gt=0)
+
+
+class Manifest(BaseModel):
+    """What a bundle is and how to serve it; everything serving needs besides the weights."""
+
+    version: str
+    created: str
+    labels: list[str]
+    max_length: int
+    temperatures: Temperatures
+    threshold: float
+    confidence_measure: str = "max_prob"
+    files: dict[str, str] = Field(description="relative path -> sha256")
+    source_data: dict[str, Any] = Field(default_factory=dict)
+    parent_version: str | None = None
+    queue_records: list[str] = Field(default_factory=list)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    build: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    manifest: Manifest
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def student_path(self) -> Path:
+        return self.path / STUDENT_FILE
+
+    @property
+    def teacher_dir(self) -> Path:
+        return self.path / TEACHER_DIR
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path / TOKENIZER_DIR
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+UNCHECKED = frozenset({MANIFEST, REPORT_FILE})
+
+
+def checksums(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` but the manifest and the report, which are rewritten later."""
+    return {
+        str(path.relative_to(root)): sha256_file(path)
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and str(path.relative_to(root)) not in UNCHECKED
+    }
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over the target."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Registry:
+    """Versions live in immutable folders; only the small ``current`` file ever changes."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = Path(home)
+        self.root = self.home / "registry"
+
+    @property
+    def current_file(self) -> Path:
+        return self.root / "current"
+
+    @property
+    def history_file(self) -> Path:
+        return self.root / "history.jsonl"
+
+    def versions(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / MANIFEST).is_file())
+
+    def current_version(self) -> str | None:
+        try:
+            return self.current_file.read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def new_version_id(self) -> str:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        version, n = f"v{stamp}", 1
+        while (self.root / version).exists():
+            n += 1
+            version = f"v{stamp}-{n}"
+        return version
+
+    def publish(self, staging: Path, manifest_fields: dict[str, Any], version: str | None = None) -> Bundle:
+        """Checksum a staged folder, write its manifest, and move it into the registry in one rename."""
+        version = version or self.new_version_id()
+        manifest = Manifest(
+            version=version,
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            files=checksums(staging),
+            **manifest_fields,
+        )
+        _atomic_write(staging / MANIFEST, manifest.model_dump_json(indent=2))
+        self.root.mkdir(parents=True, exist_ok=True)
+        target = self.root / version
+        os.rename(staging, target)
+        return Bundle(target, manifest)
+
+    def promote(self, version: str) -> None:
+        """Point ``current`` at a verified version; the switch is a single atomic rename."""
+        self.load(version)
+        previous = self.current_version()
+        _atomic_write(self.current_file, version + "\n")
+        with self.history_file.open("a") as handle:
+            handle.write(json.dumps({"time": time.time(), "from": previous, "to": version}) + "\n")
+
+    def rollback(self) -> str:
+        """Return ``current`` to the version it held before the last promotion."""
+        history = self.history()
+        current = self.current_version()
+        for entry in reversed(history):
+            if entry["to"] == current and entry["from"]:
+                self.promote(entry["from"])
+                return entry["from"]
+        raise BundleError("nothing to roll back to: no earlier promotion is recorded")
+
+    def history(self) -> list[dict[str, Any]]:
+        if not self.history_file.is_file():
+            return []
+        return [json.loads(line) for line in self.history_file.read_text().splitlines() if line.strip()]
+
+    def load(self, version: str | None = None, verify: bool = True) -> Bundle:
+        """Open a version (default: ``current``) and, unless told not to, verify every checksum."""
+        version = version or self.current_version()
+        if version is None:
+            raise BundleError(f"no current model in {self.root}: run `cascade build` first")
+        path = self.root / version
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise BundleError(f"bundle {version!r} not found: {manifest_path} is missing")
+        try:
+            manifest = Manifest.model_validate_json(manifest_path.read_text())
+        except ValueError as exc:
+            raise BundleError(f"{manifest_path}: invalid manifest: {exc}") from exc
+        if verify:
+            verify_files(path, manifest.files)
+        return Bundle(path, manifest)
+
+    def save_manifest(self, bundle: Bundle, manifest: Manifest) -> Bundle:
+        """Rewrite serving parameters (threshold, temperatures); the checksummed files stay as they are."""
+        if manifest.files != bundle.manifest.files or manifest.version != bundle.version:
+            raise BundleError("a manifest rewrite may not change the files or the version")
+        _atomic_write(bundle.path / MANIFEST, manifest.model_dump_json(indent=2))
+        return Bundle(bundle.path, manifest)
+
+    def remove(self, version: str) -> None:
+        if version == self.current_version():
+            raise BundleError(f"{version} is current; promote another version first")
+        shutil.rmtree(self.root / version)
+
+
+def verify_files(root: Path, expected: dict[str, str]) -> None:
+    """Raise on the first missing or altered file, naming it and both hashes."""
+    for relative, digest in expected.items():
+        path = root / relative
+        if not path.is_file():
+            raise BundleError(f"bundle {root.name}: file {relative} is missing")
+        actual = sha256_file(path)
+        if actual != digest:
+            raise BundleError(
+                f"bundle {root.name}: checksum mismatch for {relative} "
+                f"(manifest {digest[:12]}…, file {actual[:12]}…): the file was altered or is corrupt"
+            )

@@ -1,0 +1,57 @@
+"""Model runtimes: the int8 student on ONNX Runtime and the teacher on transformers/PyTorch.
+
+The student runtime imports neither torch nor transformers: the ingress replica stays small and
+starts fast. Both return raw logits; routing turns them into calibrated probabilities.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+
+class StudentRuntime:
+    """Fast tokenizer (Rust) + ONNX Runtime session on the quantized student."""
+
+    def __init__(self, onnx_path: Path, tokenizer_dir: Path, max_length: int, threads: int = 1) -> None:
+        self.tokenizer = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+        self.tokenizer.enable_truncation(max_length)
+        pad_id = self.tokenizer.token_to_id("[PAD]") or 0
+        self.tokenizer.enable_padding(pad_id=pad_id, pad_token="[PAD]")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+    def logits(self, texts: list[str]) -> np.ndarray:
+        encodings = self.tokenizer.encode_batch(texts)
+        ids = np.asarray([e.ids for e in encodings], dtype=np.int64)
+        mask = np.asarray([e.attention_mask for e in encodings], dtype=np.int64)
+        return self.session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+
+
+class TeacherRuntime:
+    """The teacher as its users run it: transformers, PyTorch fp32, inference mode."""
+
+    def __init__(self, model_dir: Path, tokenizer_dir: Path, max_length: int, threads: int = 1) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        torch.set_num_threads(threads)
+        self._torch = torch
+        self.max_length = max_length
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            str(model_dir), local_files_only=True, use_safetensors=True
+        ).eval()
+
+    def logits(self, texts: list[str]) -> np.ndarray:
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                               return_tensors="pt")
+        with self._torch.inference_mode():
+            return self.model(**batch).logits.float().numpy()
