@@ -180,7 +180,7 @@ def write_report(bundle_dir: Path, report: dict[str, Any]) -> None:
 
 def format_report(report: dict[str, Any]) -> str:
     """The report as a plain-text table, with the issue's acceptance checks beside the numbers."""
-    ev = report["evaluation"] if "evaluation" in report else report
+    ev = report.get("evaluation", report)
 
     def acc(entry: dict[str, float]) -> str:
         return f"{entry['accuracy']:.4f} [{entry['ci_low']:.4f}, {entry['ci_high']:.4f}]"

