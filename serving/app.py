@@ -1,0 +1,47 @@
+"""The Serve application: ``serving.app:build_app`` for `serve run`, `serve deploy` and `cascade serve`.
+
+Deployment options are chosen for a 2-core machine and can be overridden in the Serve config:
+
+- Gateway: 1 replica, ``num_cpus`` 0.5 (fractional, so both deployments fit on 2 cores),
+  ``max_ongoing_requests`` 256 so Ray never becomes the bottleneck before our own admission limit
+  (``limits.max_in_flight``), and ``max_queued_requests`` 512 so an overloaded cluster answers 503
+  at once instead of queueing without bound.
+- Teacher: 1 replica, ``num_cpus`` 0.5, ``max_ongoing_requests`` 32 (its batches are at most 16).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve import Application
+
+from serving.gateway import Gateway
+from serving.settings import GatewayConfig
+from serving.teacher import TeacherDeployment
+
+APP_NAME = "cascade"
+
+GatewayDeployment = serve.deployment(
+    Gateway,
+    name="Gateway",
+    ray_actor_options={"num_cpus": 0.5},
+    max_ongoing_requests=256,
+    max_queued_requests=512,
+    health_check_period_s=5,
+)
+
+
+class AppArgs(BaseModel):
+    """Arguments of ``build_app`` (the ``args`` of the Serve config)."""
+
+    config: GatewayConfig = Field(default_factory=GatewayConfig)
+    teacher_threads: int = 1
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    parsed = AppArgs.model_validate(args or {})
+    model = parsed.config.model.model_dump()
+    teacher = TeacherDeployment.options(user_config={"model": model}).bind(model, parsed.teacher_threads)
+    return GatewayDeployment.options(user_config=parsed.config.model_dump(mode="json")).bind(teacher)

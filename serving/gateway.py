@@ -1,0 +1,347 @@
+"""The HTTP ingress: FastAPI on Ray Serve, with the int8 student inside the replica.
+
+The student runs in the ingress replica itself, so a confident text never leaves it: one HTTP hop,
+a batched ONNX Runtime call on a worker thread, and the answer. Only deferred texts cross to the
+teacher deployment, under a concurrency cap, a traffic budget and a timeout.
+"""
+
+
+import asyncio
+import hmac
+import json
+import logging
+import re
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from distill.registry import Bundle, Registry
+from routing.confidence import ConfidenceMeasure, softmax
+from routing.policy import DeferralPolicy, DegradedReason, Route, TeacherGate
+from serving.runtime import StudentRuntime
+from serving.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
+    ErrorResponse,
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+)
+from serving.settings import AuthSettings, GatewayConfig
+
+logger = logging.getLogger("ray.serve")
+
+MODEL_ROUTES = {"cascade": Route.AUTO, "student": Route.STUDENT, "teacher": Route.TEACHER}
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+OPEN_PATHS = ("/v2/health/", "/docs", "/openapi.json", "/redoc")
+
+
+class ApiError(Exception):
+    """An error answered as JSON with a status code; raised anywhere in request handling."""
+
+    def __init__(self, status: int, error: str, detail: Any = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(error)
+        self.status, self.error, self.detail, self.headers = status, error, detail, headers or {}
+
+
+api = FastAPI(
+    title="Cascade",
+    version="0.1.0",
+    description="Distilled int8 student first; the teacher only when the student is unsure.",
+    responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
+               422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+)
+
+
+def _error(request: Request, status: int, error: str, detail: Any = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    request_id = getattr(request.state, "request_id", None) or uuid.uuid4().hex
+    body = {"error": error, "detail": detail, "id": request_id}
+    return JSONResponse(body, status_code=status, headers={"X-Request-ID": request_id, **(headers or {})})
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return _error(request, exc.status, exc.error, exc.detail, exc.headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return _error(request, 422, "invalid request", json.loads(json.dumps(exc.errors(), default=str)))
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return _error(request, exc.status_code, str(exc.detail))
+
+
+@api.middleware("http")
+async def _request_context(request: Request, call_next):
+    """Request id on every answer, API key check, and a hard limit on the declared body size."""
+    supplied = request.headers.get("x-request-id", "")
+    request.state.request_id = supplied if REQUEST_ID.match(supplied) else uuid.uuid4().hex
+    gateway: Gateway | None = getattr(api.state, "gateway", None)
+    if gateway is not None:
+        if not request.url.path.startswith(OPEN_PATHS) and not gateway.authorized(request):
+            return _error(request, 401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
+        declared = request.headers.get("content-length")
+        limit = gateway.config.limits.max_body_bytes
+        if declared and declared.isdigit() and int(declared) > limit:
+            return _error(request, 413, f"request body over {limit} bytes")
+    response = await call_next(request)
+    response.headers["X-Request-ID"] = request.state.request_id
+    return response
+
+
+def _flatten(data: list[Any]) -> list[Any]:
+    flat: list[Any] = []
+    for item in data:
+        flat.extend(_flatten(item) if isinstance(item, list) else [item])
+    return flat
+
+
+@serve.ingress(api)
+class Gateway:
+    """Ingress replica: HTTP API, student inference, deferral, teacher protection."""
+
+    def __init__(self, teacher: DeploymentHandle, config: dict[str, Any] | None = None) -> None:
+        self.teacher = teacher
+        self.config = GatewayConfig()
+        self.auth = AuthSettings.from_env()
+        self.bundle: Bundle | None = None
+        self.student: StudentRuntime | None = None
+        self.policy: DeferralPolicy | None = None
+        self.gate = TeacherGate(0, 0.0)
+        self.in_flight = 0
+        # One worker thread: ONNX Runtime work leaves the event loop, which keeps accepting
+        # requests (and filling the next batch) while a batch runs.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="student")
+        self.reconfigure(config or {})
+        api.state.gateway = self
+
+    # -- configuration -------------------------------------------------------------------------
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply a new ``GatewayConfig`` (Serve ``user_config``): thresholds, limits, budget, model."""
+        config = GatewayConfig.model_validate(user_config)
+        bundle = Registry(config.model.home).load(config.model.version)
+        if self.bundle is None or bundle.version != self.bundle.version:
+            student = StudentRuntime(bundle.student_path, bundle.tokenizer_dir, bundle.manifest.max_length,
+                                     config.student.threads)
+            self.student, self.bundle = student, bundle
+            logger.info("gateway serving student %s", bundle.version)
+        assert self.bundle is not None
+        manifest = self.bundle.manifest
+        self.policy = DeferralPolicy(
+            threshold=config.routing.threshold if config.routing.threshold is not None else manifest.threshold,
+            temperature=manifest.temperatures.student,
+            measure=config.routing.confidence_measure or ConfidenceMeasure(manifest.confidence_measure),
+        )
+        self.gate.configure(config.teacher.max_concurrency, config.teacher.max_share, config.teacher.max_texts_per_s)
+        self.gate.window_s = config.teacher.budget_window_s
+        self._student_logits.set_max_batch_size(config.student.max_batch_size)
+        self._student_logits.set_batch_wait_timeout_s(config.student.batch_wait_timeout_s)
+        self.config = config
+
+    def authorized(self, request: Request) -> bool:
+        if self.auth.api_key is None:
+            return True
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        expected = self.auth.api_key.get_secret_value().encode()
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected)
+
+    # -- inference ----------------------------------------------------------------------------
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001)
+    async def _student_logits(self, texts: list[str]) -> list[np.ndarray]:
+        student = self.student
+        assert student is not None
+        loop = asyncio.get_running_loop()
+        return list(await loop.run_in_executor(self._executor, student.logits, texts))
+
+    async def _ask_teacher(self, texts: list[str], enforce_budget: bool) -> tuple[np.ndarray | None, str | None,
+                                                                                   DegradedReason | None]:
+        refusal = self.gate.try_acquire(len(texts), enforce_budget)
+        if refusal is not None:
+            return None, None, refusal
+        try:
+            answer = await asyncio.wait_for(self.teacher.classify.remote(texts), self.config.teacher.timeout_s)
+            return np.asarray(answer["logits"], dtype=np.float64), answer["version"], None
+        except TimeoutError:
+            return None, None, DegradedReason.TIMEOUT
+        except Exception as exc:  # any failure of the teacher degrades, never fails, the request
+            logger.warning("teacher call failed: %s: %s", type(exc).__name__, exc)
+            return None, None, DegradedReason.ERROR
+        finally:
+            self.gate.release()
+
+    async def classify_texts(self, texts: list[str], route: Route) -> list[dict[str, Any]]:
+        bundle, policy = self.bundle, self.policy
+        assert bundle is not None and policy is not None
+        logits = np.stack(await asyncio.gather(*(self._student_logits(t) for t in texts)))
+        decisions = policy.decide(logits, route)
+        if route is Route.AUTO:
+            self.gate.observe(len(texts))
+        deferred = [i for i, d in enumerate(decisions) if d.to_teacher]
+        teacher_probs: np.ndarray | None = None
+        teacher_version, reason = bundle.version, None
+        if deferred:
+            teacher_logits, version, reason = await self._ask_teacher(
+                [texts[i] for i in deferred], enforce_budget=route is Route.AUTO)
+            if teacher_logits is not None:
+                teacher_probs = softmax(teacher_logits, bundle.manifest.temperatures.teacher)
+                teacher_version = version or teacher_version
+        labels = bundle.manifest.labels
+        results = []
+        teacher_row = {index: row for row, index in enumerate(deferred)}
+        for i, decision in enumerate(decisions):
+            probs, served_by, degraded, why = decision.probabilities, "student", False, None
+            if i in teacher_row:
+                if teacher_probs is not None:
+                    probs, served_by = teacher_probs[teacher_row[i]], "teacher"
+                else:
+                    degraded, why = True, reason.value if reason else None
+            results.append({
+                "label": labels[int(np.argmax(probs))],
+                "probabilities": {label: float(p) for label, p in zip(labels, probs, strict=True)},
+                "confidence": decision.confidence if served_by == "student" else float(np.max(probs)),
+                "served_by": served_by,
+                "degraded": degraded,
+                "reason": why,
+                "student_version": bundle.version,
+                "teacher_version": teacher_version,
+            })
+        return results
+
+    def _admit(self) -> None:
+        if self.in_flight >= self.config.limits.max_in_flight:
+            retry = str(self.config.limits.retry_after_s)
+            raise ApiError(503, "over capacity, retry later", headers={"Retry-After": retry})
+
+    def _check_texts(self, texts: list[str]) -> None:
+        limits = self.config.limits
+        if len(texts) > limits.max_texts:
+            raise ApiError(422, f"too many texts: {len(texts)} > {limits.max_texts} per request")
+        for index, text in enumerate(texts):
+            if not text.strip():
+                raise ApiError(422, f"texts[{index}] is empty")
+            if len(text) > limits.max_chars:
+                raise ApiError(422, f"texts[{index}] has {len(text)} characters, over {limits.max_chars}")
+
+    async def _read_json(self, request: Request) -> Any:
+        body = await request.body()
+        if len(body) > self.config.limits.max_body_bytes:
+            raise ApiError(413, f"request body over {self.config.limits.max_body_bytes} bytes")
+        if not body:
+            raise ApiError(422, "empty request body: expected a JSON object")
+        try:
+            return json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"body is not valid JSON: {exc}") from exc
+
+    # -- v1 -----------------------------------------------------------------------------------
+    @api.post("/v1/classify", response_model=ClassifyResponse)
+    async def classify(self, request: Request) -> Response:
+        """Classify texts; `route` is auto (default), student or teacher."""
+        self._admit()
+        self.in_flight += 1
+        try:
+            payload = await self._read_json(request)
+            if isinstance(payload, dict) and "route" in payload and payload["route"] not in set(Route):
+                raise ApiError(400, f"unknown route {payload['route']!r}; use one of {[r.value for r in Route]}")
+            try:
+                parsed = ClassifyRequest.model_validate(payload)
+            except ValidationError as exc:
+                raise ApiError(422, "invalid request",
+                               json.loads(exc.json(include_url=False, include_input=False))) from exc
+            self._check_texts(parsed.texts)
+            results = await self.classify_texts(parsed.texts, parsed.route)
+            request_id = request.state.request_id
+            logger.info("request %s: %d texts, route %s", request_id, len(parsed.texts), parsed.route.value)
+            return JSONResponse({"id": request_id, "results": results})
+        finally:
+            self.in_flight -= 1
+
+    # -- Open Inference Protocol (KServe v2) ----------------------------------------------------
+    @api.get("/v2/health/live")
+    async def live(self) -> dict[str, bool]:
+        return {"live": True}
+
+    @api.get("/v2/health/ready")
+    async def ready(self, request: Request) -> Response:
+        """Ready only when the student is loaded here and the teacher deployment answers."""
+        try:
+            teacher_version = await asyncio.wait_for(self.teacher.ready.remote(), 2.0)
+        except Exception:
+            teacher_version = None
+        ready = self.student is not None and teacher_version is not None
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    @api.get("/v2/models/{name}", response_model=ModelMetadata)
+    async def model_metadata(self, name: str) -> dict[str, Any]:
+        self._model_route(name)
+        assert self.bundle is not None
+        return {
+            "name": name,
+            "versions": [self.bundle.version],
+            "platform": "cascade" if name == "cascade" else ("onnxruntime" if name == "student" else "pytorch"),
+            "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
+            "outputs": [
+                {"name": "label", "datatype": "BYTES", "shape": [-1]},
+                {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(self.bundle.manifest.labels)]},
+                {"name": "served_by", "datatype": "BYTES", "shape": [-1]},
+                {"name": "degraded", "datatype": "BOOL", "shape": [-1]},
+            ],
+        }
+
+    @api.get("/v2/models/{name}/ready")
+    async def model_ready(self, name: str) -> dict[str, Any]:
+        self._model_route(name)
+        return {"name": name, "ready": self.student is not None}
+
+    @api.post("/v2/models/{name}/infer", response_model=InferResponse)
+    async def infer(self, name: str, request: Request) -> Response:
+        """KServe v2 inference with one BYTES input of texts."""
+        route = self._model_route(name)
+        self._admit()
+        self.in_flight += 1
+        try:
+            try:
+                parsed = InferRequest.model_validate(await self._read_json(request))
+            except ValidationError as exc:
+                raise ApiError(422, "invalid request",
+                               json.loads(exc.json(include_url=False, include_input=False))) from exc
+            tensor = parsed.inputs[0]
+            if len(parsed.inputs) != 1 or tensor.datatype != "BYTES":
+                raise ApiError(422, "expected exactly one input tensor with datatype BYTES")
+            texts = _flatten(tensor.data)
+            if not texts or not all(isinstance(t, str) for t in texts):
+                raise ApiError(422, "input data must be a non-empty list of strings")
+            self._check_texts(texts)
+            results = await self.classify_texts(texts, route)
+            assert self.bundle is not None
+            n, labels = len(results), self.bundle.manifest.labels
+            outputs = [
+                {"name": "label", "datatype": "BYTES", "shape": [n], "data": [r["label"] for r in results]},
+                {"name": "probabilities", "datatype": "FP32", "shape": [n, len(labels)],
+                 "data": [r["probabilities"][label] for r in results for label in labels]},
+                {"name": "served_by", "datatype": "BYTES", "shape": [n], "data": [r["served_by"] for r in results]},
+                {"name": "degraded", "datatype": "BOOL", "shape": [n], "data": [r["degraded"] for r in results]},
+            ]
+            return JSONResponse({"model_name": name, "model_version": self.bundle.version,
+                                 "id": parsed.id or request.state.request_id, "outputs": outputs})
+        finally:
+            self.in_flight -= 1
+
+    def _model_route(self, name: str) -> Route:
+        if name not in MODEL_ROUTES:
+            raise ApiError(404, f"unknown model {name!r}; models: {sorted(MODEL_ROUTES)}")
+        return MODEL_ROUTES[name]

@@ -1,0 +1,74 @@
+"""HTTP API schemas: the v1 classify API and the Open Inference Protocol (KServe v2) subset we serve."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from routing.policy import Route
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    texts: list[str] = Field(min_length=1, description="Texts to classify, answered in this order.")
+    route: Route = Field(Route.AUTO, description="auto: student, teacher when unsure; or force one model.")
+
+
+class Result(BaseModel):
+    label: str
+    probabilities: dict[str, float]
+    confidence: float
+    served_by: Literal["student", "teacher"]
+    degraded: bool = False
+    reason: str | None = None
+    student_version: str
+    teacher_version: str
+
+
+class ClassifyResponse(BaseModel):
+    id: str
+    results: list[Result]
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    detail: Any = None
+    id: str | None = None
+
+
+class InferTensor(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any]
+    parameters: dict[str, Any] | None = None
+
+
+class InferRequest(BaseModel):
+    id: str | None = None
+    inputs: list[InferTensor] = Field(min_length=1)
+    outputs: list[dict[str, Any]] | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str
+    outputs: list[InferTensor]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]

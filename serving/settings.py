@@ -1,0 +1,79 @@
+"""Gateway settings: one typed model per concern, gathered in ``GatewayConfig``.
+
+``GatewayConfig`` is the Serve ``user_config`` of the gateway deployment, so every field can be
+changed in ``deploy/serve.yaml`` (or the Helm values) and applied without a restart.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field, SecretStr
+
+from routing.confidence import ConfidenceMeasure
+
+
+class ModelSettings(BaseModel):
+    """Which bundle to serve."""
+
+    home: str = Field(default_factory=lambda: os.environ.get("CASCADE_HOME", "models"),
+                      description="Model home holding registry/ (default $CASCADE_HOME or ./models).")
+    version: str | None = Field(None, description="Pinned registry version; None follows `current`.")
+
+
+class RoutingSettings(BaseModel):
+    """When the student defers to the teacher."""
+
+    threshold: float | None = Field(None, ge=0.0, le=1.0, description="Overrides the bundle's threshold.")
+    confidence_measure: ConfidenceMeasure | None = Field(None, description="Overrides the bundle's measure.")
+
+
+class StudentSettings(BaseModel):
+    """The int8 student inside the gateway replica (dynamic batching via serve.batch)."""
+
+    threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads per replica.")
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.001, ge=0.0, description="How long a batch waits to fill.")
+
+
+class TeacherSettings(BaseModel):
+    """Teacher protection: a slow, dead or busy teacher degrades answers, never fails them."""
+
+    timeout_s: float = Field(2.0, gt=0.0)
+    max_concurrency: int = Field(8, ge=0, description="Teacher calls in flight per gateway replica.")
+    max_share: float = Field(0.3, ge=0.0, le=1.0, description="Largest share of auto-routed texts it may take.")
+    max_texts_per_s: float | None = Field(None, gt=0.0, description="Optional cap on texts per second.")
+    budget_window_s: float = Field(10.0, gt=0.0)
+
+
+class LimitSettings(BaseModel):
+    """Request limits; beyond them a clear 4xx, beyond capacity a 503 with Retry-After."""
+
+    max_texts: int = Field(64, ge=1)
+    max_chars: int = Field(2000, ge=1)
+    max_body_bytes: int = Field(256 * 1024, ge=1024)
+    max_in_flight: int = Field(512, ge=1, description="Requests in flight per replica before refusing.")
+    retry_after_s: int = Field(1, ge=1)
+
+
+class GatewayConfig(BaseModel):
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    student: StudentSettings = Field(default_factory=StudentSettings)
+    teacher: TeacherSettings = Field(default_factory=TeacherSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+
+
+class AuthSettings(BaseModel):
+    """Optional API key, from ``CASCADE_API_KEY`` or the file named by ``CASCADE_API_KEY_FILE``."""
+
+    api_key: SecretStr | None = None
+
+    @classmethod
+    def from_env(cls) -> AuthSettings:
+        key = os.environ.get("CASCADE_API_KEY")
+        key_file = os.environ.get("CASCADE_API_KEY_FILE")
+        if not key and key_file:
+            key = Path(key_file).read_text().strip()
+        return cls(api_key=SecretStr(key) if key else None)
