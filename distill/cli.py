@@ -161,6 +161,93 @@ def rollback(home: Home = None) -> None:
     typer.echo(f"current -> {version}")
 
 
+FAST_PATH_ENV = {
+    # HAProxy in front of direct-ingress replicas instead of Ray's Python proxy (docs/performance.md).
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    # gRPC data plane between deployments, request-path logs buffered, GC frozen after start-up.
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+}
+# On a 2-core machine model loading starves the proxy's first health checks; give it time.
+SLOW_START_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
+
+
+@app.command()
+def serve(
+    home: Home = None,
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    config: Annotated[Path | None, typer.Option(
+        help="Serve config YAML (default: the built-in one, written out in deploy/serve.yaml).")] = None,
+    fast: Annotated[bool, typer.Option(
+        help="HAProxy ingress + throughput-optimised Serve (default). --no-fast: Ray's Python proxy.")] = True,
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs of the local Ray (default: all).")] = None,
+) -> None:
+    """Start a local Ray and the gateway on the current bundle; blocks until interrupted.
+
+    The app is deployed from a Serve config, as `serve run deploy/serve.yaml` would, so a later
+    `serve deploy` of a changed config reconfigures the running replicas without a restart.
+    """
+    import signal
+    import time
+
+    import yaml
+
+    from distill.registry import BundleError, Registry
+
+    home = _home(home)
+    try:
+        bundle = Registry(home).load()
+    except BundleError as exc:
+        _fail(f"{exc} (run `make models`)")
+    from serving.app import default_serve_config
+
+    serve_config = yaml.safe_load(config.read_text()) if config else default_serve_config(port)
+    serve_config.setdefault("http_options", {})["port"] = port
+    for key, value in SLOW_START_ENV.items():
+        os.environ.setdefault(key, value)
+    if fast:
+        os.environ.update(FAST_PATH_ENV)
+    else:
+        serve_config["http_options"]["host"] = "127.0.0.1"
+    os.environ["CASCADE_HOME"] = str(home)
+    import ray
+    from ray.serve._private import api as serve_api
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(serve_config)
+    # The dashboard (127.0.0.1 only) carries Serve's REST API: `serve status`, `serve deploy`.
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+    client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
+                                   global_logging_config=schema.logging_config)
+    client.deploy_apps(schema, _blocking=True)
+    exposed = (f"0.0.0.0:{port} (HAProxy), 0.0.0.0:8404 (HAProxy stats), 0.0.0.0:9101, replica ports from 30000"
+               if fast else f"127.0.0.1:{port}")
+    auth = ("API key required" if os.environ.get("CASCADE_API_KEY") or os.environ.get("CASCADE_API_KEY_FILE")
+            else "no API key set (CASCADE_API_KEY): anyone who can reach these ports can call it")
+    typer.echo(f"cascade: bundle {bundle.version} ready on http://127.0.0.1:{port}\n"
+               f"  listening on: {exposed}\n  access: {auth}\n  Ctrl-C to stop", err=True)
+    # SIGTERM (docker stop, kill, a test's teardown) shuts Serve and the local Ray down cleanly.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        while True:
+            time.sleep(3600)
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        from ray import serve as ray_serve
+
+        ray_serve.shutdown()
+        ray.shutdown()
+
+
+@app.command("serve-config")
+def serve_config_command(port: Annotated[int, typer.Option(help="HTTP port.")] = 8000) -> None:
+    """Print the built-in Serve config (the source of deploy/serve.yaml)."""
+    import yaml
+
+    from serving.app import default_serve_config
+
+    typer.echo(yaml.safe_dump(default_serve_config(port), sort_keys=False), nl=False)
+
 def main() -> None:  # pragma: no cover - console entry
     app(prog_name="cascade")
 

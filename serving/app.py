@@ -40,6 +40,40 @@ class AppArgs(BaseModel):
     teacher_threads: int = 1
 
 
+def default_serve_config(port: int = 8000) -> dict[str, Any]:
+    """The Serve config `cascade serve` deploys; ``deploy/serve.yaml`` is this, written out."""
+    gateway = GatewayConfig().model_dump(mode="json", exclude={"model": {"home"}})
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "0.0.0.0", "port": port},
+        "logging_config": {"enable_access_log": False, "log_level": "INFO"},
+        "applications": [{
+            "name": APP_NAME,
+            "route_prefix": "/",
+            "import_path": "serving.app:build_app",
+            "args": {"teacher_threads": 1},
+            "deployments": [
+                {
+                    "name": "Gateway",
+                    "num_replicas": 1,
+                    "max_ongoing_requests": 256,
+                    "max_queued_requests": 512,
+                    "ray_actor_options": {"num_cpus": 0.5},
+                    "user_config": gateway,
+                },
+                {
+                    "name": "Teacher",
+                    "num_replicas": 1,
+                    "max_ongoing_requests": 32,
+                    "max_queued_requests": 64,
+                    "ray_actor_options": {"num_cpus": 0.5},
+                    "user_config": {"model": dict(gateway["model"])},
+                },
+            ],
+        }],
+    }
+
+
 def build_app(args: dict[str, Any] | None = None) -> Application:
     parsed = AppArgs.model_validate(args or {})
     model = parsed.config.model.model_dump()

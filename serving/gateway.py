@@ -270,6 +270,19 @@ class Gateway:
         finally:
             self.in_flight -= 1
 
+    @api.get("/v1/status")
+    async def status(self) -> dict[str, Any]:
+        """What this replica serves now: bundle, live threshold, settings, teacher share."""
+        assert self.bundle is not None and self.policy is not None
+        return {
+            "student_version": self.bundle.version,
+            "threshold": self.policy.threshold,
+            "confidence_measure": self.policy.measure.value,
+            "teacher_share": self.gate.share(),
+            "in_flight": self.in_flight,
+            "config": self.config.model_dump(mode="json"),
+        }
+
     # -- Open Inference Protocol (KServe v2) ----------------------------------------------------
     @api.get("/v2/health/live")
     async def live(self) -> dict[str, bool]:

@@ -1,0 +1,95 @@
+"""A real gateway: `cascade serve` on the tiny bundle, started once for the integration tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import CASCADE
+
+API_KEY = "test-key-0123456789"
+PORT = 8123
+
+
+@dataclass
+class Gateway:
+    url: str
+    home: Path
+    log: Path
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30, **kwargs)
+
+
+def _stop_ray() -> None:
+    subprocess.run([str(Path(CASCADE).with_name("ray")), "stop", "--force"], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def gateway(tiny_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    log = tmp_path_factory.mktemp("gateway") / "serve.log"
+    env = os.environ | {"CASCADE_HOME": str(tiny_home), "CASCADE_API_KEY": API_KEY}
+    _stop_ray()
+    with log.open("w") as out:
+        process = subprocess.Popen([CASCADE, "serve", "--port", str(PORT)], stdout=out, stderr=subprocess.STDOUT,
+                                   env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{PORT}"
+    deadline = time.monotonic() + 300
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"cascade serve exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gateway not ready after 300 s:\n{log.read_text()[-4000:]}")
+            time.sleep(2)
+        yield Gateway(url, tiny_home, log)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        _stop_ray()
+
+
+def apply_config(gateway: Gateway, **user_config: dict) -> None:
+    """`serve deploy` the default Serve config with Gateway user_config overrides; wait until applied.
+
+    This is how an operator changes a running gateway: no restart, the replica's ``reconfigure`` runs.
+    """
+    import yaml
+
+    from serving.app import default_serve_config
+
+    config = default_serve_config(PORT)
+    deployments = {d["name"]: d for d in config["applications"][0]["deployments"]}
+    for section, values in user_config.items():
+        deployments["Gateway"]["user_config"][section].update(values)
+    path = gateway.log.with_name("serve-config.yaml")
+    path.write_text(yaml.safe_dump(config))
+    env = os.environ | {"CASCADE_HOME": str(gateway.home)}
+    subprocess.run([str(Path(CASCADE).with_name("serve")), "deploy", "-a", "http://127.0.0.1:8265", str(path)],
+                   check=True, capture_output=True, env=env, timeout=120)
+    wanted = deployments["Gateway"]["user_config"]
+    deadline = time.monotonic() + 120
+    with gateway.client() as client:
+        while time.monotonic() < deadline:
+            status = client.get("/v1/status")
+            if status.status_code == 200 and all(
+                    status.json()["config"][section] == wanted[section] for section in user_config):
+                return
+            time.sleep(1)
+    raise AssertionError("configuration was not applied within 120 s")
