@@ -218,7 +218,8 @@ def serve(
     ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
     client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
                                    global_logging_config=schema.logging_config)
-    client.deploy_apps(schema, _blocking=True)
+    client.deploy_apps(schema, _blocking=False)
+    _wait_until_running(timeout_s=900)
     exposed = (f"0.0.0.0:{port} (HAProxy), 0.0.0.0:8404 (HAProxy stats), 0.0.0.0:9101, replica ports from 30000"
                if fast else f"127.0.0.1:{port}")
     auth = ("API key required" if os.environ.get("CASCADE_API_KEY") or os.environ.get("CASCADE_API_KEY_FILE")
@@ -237,6 +238,25 @@ def serve(
 
         ray_serve.shutdown()
         ray.shutdown()
+
+
+def _wait_until_running(timeout_s: float) -> None:
+    """Block until every application is RUNNING (both models loaded); fail on DEPLOY_FAILED."""
+    import time
+
+    from ray import serve as ray_serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        applications = ray_serve.status().applications
+        states = {name: str(app_status.status) for name, app_status in applications.items()}
+        if states and all(state.endswith("RUNNING") for state in states.values()):
+            return
+        failed = [name for name, state in states.items() if state.endswith("DEPLOY_FAILED")]
+        if failed:
+            _fail(f"deployment failed: {applications[failed[0]].message}")
+        time.sleep(1)
+    _fail(f"the application was not running after {timeout_s:.0f} s")
 
 
 @app.command("serve-config")

@@ -110,7 +110,8 @@ class TeacherGate:
             if self.max_texts_per_s is not None and sent + texts > self.max_texts_per_s * self.window_s:
                 return DegradedReason.BUDGET
         self.in_flight += 1
-        self._sent.append((self._clock(), texts))
+        if enforce_budget:  # forced teacher routes (debugging) are outside the auto-traffic budget
+            self._sent.append((self._clock(), texts))
         return None
 
     def release(self) -> None:

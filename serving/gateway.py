@@ -21,12 +21,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
+from ray.serve.context import _get_serve_request_context
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from distill.registry import Bundle, Registry
 from routing.confidence import ConfidenceMeasure, softmax
 from routing.policy import DeferralPolicy, DegradedReason, Route, TeacherGate
+from serving import replica_state
 from serving.runtime import StudentRuntime
 from serving.schemas import (
     ClassifyRequest,
@@ -64,9 +66,18 @@ api = FastAPI(
 
 def _error(request: Request, status: int, error: str, detail: Any = None,
            headers: dict[str, str] | None = None) -> JSONResponse:
-    request_id = getattr(request.state, "request_id", None) or uuid.uuid4().hex
-    body = {"error": error, "detail": detail, "id": request_id}
-    return JSONResponse(body, status_code=status, headers={"X-Request-ID": request_id, **(headers or {})})
+    request_id = getattr(request.state, "request_id", None) or _request_id(request)
+    return JSONResponse({"error": error, "detail": detail, "id": request_id}, status_code=status, headers=headers)
+
+
+def _request_id(request: Request) -> str:
+    """Serve's own request id: it honours a client's X-Request-ID, and Serve returns it as a header
+    and writes it on every replica log line, so body, header and logs agree."""
+    serve_id = _get_serve_request_context().request_id
+    if serve_id:
+        return serve_id
+    supplied = request.headers.get("x-request-id", "")
+    return supplied if REQUEST_ID.match(supplied) else uuid.uuid4().hex
 
 
 @api.exception_handler(ApiError)
@@ -86,10 +97,9 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 @api.middleware("http")
 async def _request_context(request: Request, call_next):
-    """Request id on every answer, API key check, and a hard limit on the declared body size."""
-    supplied = request.headers.get("x-request-id", "")
-    request.state.request_id = supplied if REQUEST_ID.match(supplied) else uuid.uuid4().hex
-    gateway: Gateway | None = getattr(api.state, "gateway", None)
+    """Request id in every answer body, API key check, and a hard limit on the declared body size."""
+    request.state.request_id = _request_id(request)
+    gateway = replica_state.gateway
     if gateway is not None:
         if not request.url.path.startswith(OPEN_PATHS) and not gateway.authorized(request):
             return _error(request, 401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
@@ -97,9 +107,7 @@ async def _request_context(request: Request, call_next):
         limit = gateway.config.limits.max_body_bytes
         if declared and declared.isdigit() and int(declared) > limit:
             return _error(request, 413, f"request body over {limit} bytes")
-    response = await call_next(request)
-    response.headers["X-Request-ID"] = request.state.request_id
-    return response
+    return await call_next(request)
 
 
 def _flatten(data: list[Any]) -> list[Any]:
@@ -126,7 +134,7 @@ class Gateway:
         # requests (and filling the next batch) while a batch runs.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="student")
         self.reconfigure(config or {})
-        api.state.gateway = self
+        replica_state.gateway = self
 
     # -- configuration -------------------------------------------------------------------------
     def reconfigure(self, user_config: dict[str, Any]) -> None:

@@ -17,6 +17,10 @@ from tests.conftest import CASCADE
 
 API_KEY = "test-key-0123456789"
 PORT = 8123
+# Settings every test starts from: a generous teacher timeout and budget, so only the tests that
+# mean to degrade the teacher see degraded answers on a loaded 2-core CI machine.
+TEST_BASE = {"routing": {"threshold": None}, "teacher": {"timeout_s": 20.0, "max_concurrency": 8, "max_share": 1.0},
+             "limits": {"max_in_flight": 512}}
 
 
 @dataclass
@@ -76,20 +80,23 @@ def apply_config(gateway: Gateway, **user_config: dict) -> None:
 
     config = default_serve_config(PORT)
     deployments = {d["name"]: d for d in config["applications"][0]["deployments"]}
-    for section, values in user_config.items():
+    for section, values in list(TEST_BASE.items()) + list(user_config.items()):
         deployments["Gateway"]["user_config"][section].update(values)
     path = gateway.log.with_name("serve-config.yaml")
     path.write_text(yaml.safe_dump(config))
-    env = os.environ | {"CASCADE_HOME": str(gateway.home)}
-    subprocess.run([str(Path(CASCADE).with_name("serve")), "deploy", "-a", "http://127.0.0.1:8265", str(path)],
-                   check=True, capture_output=True, env=env, timeout=120)
+    # The local cluster has Ray's token authentication on; the CLI reads the token from ~/.ray.
+    env = os.environ | {"CASCADE_HOME": str(gateway.home), "RAY_AUTH_MODE": "token"}
+    deployed = subprocess.run(
+        [str(Path(CASCADE).with_name("serve")), "deploy", "-a", "http://127.0.0.1:8265", str(path)],
+        capture_output=True, text=True, env=env, timeout=120)
+    assert deployed.returncode == 0, f"serve deploy failed:\n{deployed.stdout}\n{deployed.stderr}"
     wanted = deployments["Gateway"]["user_config"]
     deadline = time.monotonic() + 120
     with gateway.client() as client:
         while time.monotonic() < deadline:
             status = client.get("/v1/status")
-            if status.status_code == 200 and all(
-                    status.json()["config"][section] == wanted[section] for section in user_config):
+            live = status.json()["config"] if status.status_code == 200 else {}
+            if live and all(live[section] == wanted[section] for section in ("routing", "teacher", "limits")):
                 return
             time.sleep(1)
     raise AssertionError("configuration was not applied within 120 s")

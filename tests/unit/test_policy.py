@@ -1,0 +1,54 @@
+import numpy as np
+
+from routing.confidence import ConfidenceMeasure
+from routing.policy import DeferralPolicy, DegradedReason, Route, TeacherGate
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_policy_defers_below_the_threshold_and_respects_forced_routes() -> None:
+    logits = np.array([[4.0, -4.0], [0.1, 0.0], [-3.0, 3.0]])
+    policy = DeferralPolicy(threshold=0.9, temperature=1.0, measure=ConfidenceMeasure.MAX_PROB)
+    assert [d.to_teacher for d in policy.decide(logits)] == [False, True, False]
+    assert not any(d.to_teacher for d in policy.decide(logits, Route.STUDENT))
+    assert all(d.to_teacher for d in policy.decide(logits, Route.TEACHER))
+    hot = DeferralPolicy(threshold=0.9, temperature=10.0)  # a high temperature flattens: everything unsure
+    assert all(d.to_teacher for d in hot.decide(logits))
+
+
+def test_gate_caps_concurrency() -> None:
+    gate = TeacherGate(max_concurrency=2, max_share=1.0)
+    gate.observe(10)
+    assert gate.try_acquire(1) is None and gate.try_acquire(1) is None
+    assert gate.try_acquire(1) is DegradedReason.SATURATED
+    gate.release()
+    assert gate.try_acquire(1) is None
+
+
+def test_gate_budget_is_a_share_of_recent_traffic_with_a_burst() -> None:
+    clock = FakeClock()
+    gate = TeacherGate(max_concurrency=100, max_share=0.1, window_s=10, burst=2, clock=clock)
+    gate.observe(100)
+    granted = 0
+    while gate.try_acquire(1) is None:
+        granted += 1
+    assert granted == 12  # 10% of 100 plus a burst of 2
+    assert gate.try_acquire(1) is DegradedReason.BUDGET
+    assert gate.try_acquire(1, enforce_budget=False) is None  # forced routes skip the budget
+    clock.now = 11.0  # the window slides: old traffic no longer counts
+    gate.observe(10)
+    assert gate.try_acquire(3) is None
+    assert 0 < gate.share() <= 0.3
+
+
+def test_gate_rate_cap() -> None:
+    gate = TeacherGate(max_concurrency=100, max_share=1.0, max_texts_per_s=1.0, window_s=5, burst=0)
+    gate.observe(1000)
+    assert gate.try_acquire(5) is None
+    assert gate.try_acquire(1) is DegradedReason.BUDGET
