@@ -95,6 +95,26 @@ def distill_student(cfg: BuildConfig, teacher, tokenizer, splits: Splits, soft_t
     )
 
 
+def _student_checkpoint(cfg: BuildConfig, teacher, tokenizer, splits: Splits, soft: np.ndarray, work: Path):
+    """The distilled fp32 student, kept in ``work`` so export and quantization can be redone alone."""
+    student_dir = work / "student_fp32"
+    done = student_dir / "cascade_done.json"
+    key = _teacher_key(cfg) | {k: getattr(cfg, k) for k in ("student_layers", "student_epochs", "student_lr",
+                                                            "student_batch_size", "kd_alpha", "kd_temperature")}
+    if done.is_file() and json.loads(done.read_text()).get("settings") == key:
+        from transformers import AutoModelForSequenceClassification
+
+        tqdm.write(f"student: reusing {student_dir}")
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(student_dir), local_files_only=True, use_safetensors=True).eval()
+        return model, json.loads(done.read_text())["val_accuracy"]
+    student, val_accuracy = distill_student(cfg, teacher, tokenizer, splits, soft)
+    shutil.rmtree(student_dir, ignore_errors=True)
+    student.save_pretrained(str(student_dir), safe_serialization=True)
+    done.write_text(json.dumps({"settings": key, "val_accuracy": val_accuracy}))
+    return student, val_accuracy
+
+
 def calibrate_bundle_dir(staging: Path, cfg: BuildConfig, val_student_logits: np.ndarray,
                          val_teacher_logits: np.ndarray, val_labels: np.ndarray,
                          test_student_logits: np.ndarray, test_teacher_logits: np.ndarray,
@@ -141,7 +161,7 @@ def build(cfg: BuildConfig, home: Path, promote: bool = True) -> Bundle:
     val_teacher = train.predict_logits(teacher, tokenizer, splits.val.texts, cfg.max_length)
     test_teacher = train.predict_logits(teacher, tokenizer, splits.test.texts, cfg.max_length)
 
-    student, student_val = distill_student(cfg, teacher, tokenizer, splits, soft)
+    student, student_val = _student_checkpoint(cfg, teacher, tokenizer, splits, soft, work)
     registry.root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=registry.root))
     try:

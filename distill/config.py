@@ -20,7 +20,7 @@ class BuildConfig(BaseModel):
     teacher_lr: float = 4e-5
     teacher_batch_size: int = 32
     student_layers: int = Field(3, description="Layers kept from the teacher, evenly spaced, DistilBERT-style.")
-    student_epochs: int = 6
+    student_epochs: int = 4
     student_lr: float = 1e-4
     student_batch_size: int = 32
     kd_alpha: float = Field(0.2, ge=0.0, le=1.0, description="Weight of the hard-label loss.")
