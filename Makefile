@@ -28,6 +28,7 @@ system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
+	command -v wrk >/dev/null || missing="$$missing wrk"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else echo "missing:$$missing (install them with your package manager; their tests are skipped)"; fi; \
@@ -43,8 +44,9 @@ test: install system-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-bench: models
+bench: models system-deps
 	$(BIN)/cascade eval
+	$(BIN)/cascade bench
 
 lint: install
 	$(BIN)/ruff check .

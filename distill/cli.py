@@ -268,6 +268,43 @@ def serve_config_command(port: Annotated[int, typer.Option(help="HTTP port.")] =
 
     typer.echo(yaml.safe_dump(default_serve_config(port), sort_keys=False), nl=False)
 
+@app.command()
+def bench(
+    home: Home = None,
+    url: Annotated[str, typer.Option(help="A running gateway; one is started on port 8000 if none answers.")] = (
+        "http://127.0.0.1:8000"),
+    seconds: Annotated[int, typer.Option(min=1, max=120, help="Seconds per load point.")] = 10,
+    concurrency: Annotated[list[int] | None, typer.Option(help="Closed-loop connections (repeatable).")] = None,
+    output: Annotated[Path | None, typer.Option(help="Also write the results as JSON here.")] = None,
+) -> None:
+    """Load the gateway and a plain single-process ONNX Runtime server over HTTP; print p50/p99 and req/s."""
+    import subprocess
+
+    import httpx
+
+    from distill.data import load_movie_snippets, stratified_split
+    from loadtests.bench import benchmark, format_results, to_json, wait_ready
+
+    home = _home(home)
+    texts = stratified_split(load_movie_snippets()).test.texts[:500]
+    started = None
+    try:
+        httpx.get(f"{url}/v2/health/ready", timeout=2)
+    except httpx.HTTPError:
+        typer.echo("no gateway answering; starting `cascade serve`", err=True)
+        started = subprocess.Popen([sys.argv[0], "serve", "--home", str(home)], start_new_session=True)
+        wait_ready(url, "/v2/health/ready", 900, started)
+    try:
+        results = benchmark(url, home, texts, seconds, concurrency or [1, 32])
+    finally:
+        if started is not None:
+            started.terminate()
+            started.wait(timeout=120)
+    typer.echo(format_results(results))
+    if output:
+        output.write_text(to_json(results))
+
+
 def main() -> None:  # pragma: no cover - console entry
     app(prog_name="cascade")
 

@@ -157,6 +157,16 @@ def test_overload_is_refused_at_once_with_retry_after(gateway: Gateway, client: 
     assert refused.headers["retry-after"] == "1" and refused.json()["error"] == "over capacity, retry later"
 
 
+def test_bench_load_generator_measures_the_gateway(gateway: Gateway) -> None:
+    """The wrk runner behind `cascade bench`: a short, bounded run on 127.0.0.1 with the real parser."""
+    from loadtests.bench import run_wrk
+
+    rps, p50, p99, errors = run_wrk(gateway.url, TEXTS, "student", concurrency=4, seconds=2, api_key=API_KEY)
+    assert rps > 0 and 0 < p50 <= p99 and errors == 0
+    _, _, _, refused = run_wrk(gateway.url, TEXTS, "student", concurrency=2, seconds=1, api_key="wrong")
+    assert refused > 0  # 401s are counted as errors, so a broken run cannot pass for a fast one
+
+
 # Last: the teacher replica is restarted by Serve afterwards, which takes a while.
 def test_a_killed_teacher_yields_degraded_answers_not_errors(gateway: Gateway, client: httpx.Client) -> None:
     apply_config(gateway, routing={"threshold": 1.0}, teacher={"timeout_s": 1.0})
