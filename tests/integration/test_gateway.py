@@ -161,8 +161,9 @@ def test_bench_load_generator_measures_the_gateway(gateway: Gateway) -> None:
     """The wrk runner behind `cascade bench`: a short, bounded run on 127.0.0.1 with the real parser."""
     from loadtests.bench import run_wrk
 
+    apply_config(gateway)
     rps, p50, p99, errors = run_wrk(gateway.url, TEXTS, "student", concurrency=4, seconds=2, api_key=API_KEY)
-    assert rps > 0 and 0 < p50 <= p99 and errors == 0
+    assert rps > 0 and 0 < p50 <= p99 and errors == 0, (rps, p50, p99, errors)
     _, _, _, refused = run_wrk(gateway.url, TEXTS, "student", concurrency=2, seconds=1, api_key="wrong")
     assert refused > 0  # 401s are counted as errors, so a broken run cannot pass for a fast one
 
