@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from distill.data import Dataset, Splits
-from distill.registry import CURVE_FILE, Bundle
+from distill.registry import Bundle
 from routing.calibration import (
     OperatingPoint,
     cascade_answers,
@@ -227,5 +227,3 @@ def format_report(report: dict[str, Any]) -> str:
 def _check(ok: bool, target: str) -> str:
     return f"{'PASS' if ok else 'FAIL'} ({target})"
 
-
-__all__ = ["CURVE_FILE", "evaluate_bundle", "format_report"]
