@@ -74,13 +74,14 @@ def run_wrk(url: str, texts: list[str], route: str, concurrency: int, seconds: i
     return rps, p50, p99, errors
 
 
-def wait_ready(url: str, path: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:
+def wait_ready(url: str, path: str, timeout_s: float, process: subprocess.Popen | None = None,
+               ok: tuple[int, ...] = (200,)) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}")
         try:
-            if httpx.get(url + path, timeout=2).status_code < 500:
+            if httpx.get(url + path, timeout=2).status_code in ok:
                 return
         except httpx.HTTPError:
             pass
@@ -93,6 +94,7 @@ def benchmark(gateway_url: str, home: Path, texts: list[str], seconds: int, conc
     """The gateway (student route and auto) and the plain server, at each concurrency, in one run."""
     api_key = os.environ.get("CASCADE_API_KEY")
     results: list[LoadResult] = []
+    run_wrk(gateway_url, texts, "student", 4, 3, api_key)  # warm-up: first batches, JIT paths, connections
     for concurrency in concurrencies:
         for route in ("student", "auto"):
             rps, p50, p99, errors = run_wrk(gateway_url, texts, route, concurrency, seconds, api_key)
@@ -103,7 +105,7 @@ def benchmark(gateway_url: str, home: Path, texts: list[str], seconds: int, conc
          "--port", str(plain_port), "--no-access-log", "--log-level", "warning"], env=env)
     try:
         plain_url = f"http://127.0.0.1:{plain_port}"
-        wait_ready(plain_url, "/v1/classify", 120, plain)
+        wait_ready(plain_url, "/v1/classify", 120, plain, ok=(405,))  # up: GET is refused, not failed
         for concurrency in concurrencies:
             rps, p50, p99, errors = run_wrk(plain_url, texts, "student", concurrency, seconds, None)
             results.append(LoadResult("plain uvicorn + Starlette + ORT", "student", concurrency, rps, p50, p99, errors))
