@@ -82,8 +82,10 @@ class TeacherGate:
         self._seen: deque[tuple[float, int]] = deque()
         self._sent: deque[tuple[float, int]] = deque()
 
-    def configure(self, max_concurrency: int, max_share: float, max_texts_per_s: float | None) -> None:
+    def configure(self, max_concurrency: int, max_share: float, max_texts_per_s: float | None,
+                  window_s: float) -> None:
         self.max_concurrency, self.max_share, self.max_texts_per_s = max_concurrency, max_share, max_texts_per_s
+        self.window_s = window_s
 
     def observe(self, texts: int) -> None:
         """Count texts the gateway answered in ``auto`` (the denominator of the share)."""

@@ -11,6 +11,7 @@ Deployment options are chosen for a 2-core machine and can be overridden in the 
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -19,18 +20,21 @@ from ray.serve import Application
 
 from serving.gateway import Gateway
 from serving.settings import GatewayConfig
-from serving.teacher import TeacherDeployment
+from serving.teacher import Teacher
 
 APP_NAME = "cascade"
 
-GatewayDeployment = serve.deployment(
-    Gateway,
-    name="Gateway",
-    ray_actor_options={"num_cpus": 0.5},
-    max_ongoing_requests=256,
-    max_queued_requests=512,
-    health_check_period_s=5,
-)
+# One source for each deployment's options: used for the deployments below and written into the
+# Serve config (deploy/serve.yaml) by ``default_serve_config``.
+DEPLOYMENT_OPTIONS: dict[str, dict[str, Any]] = {
+    "Gateway": {"num_replicas": 1, "max_ongoing_requests": 256, "max_queued_requests": 512,
+                "ray_actor_options": {"num_cpus": 0.5}, "health_check_period_s": 5},
+    "Teacher": {"num_replicas": 1, "max_ongoing_requests": 32, "max_queued_requests": 64,
+                "ray_actor_options": {"num_cpus": 0.5}, "health_check_period_s": 5},
+}
+
+GatewayDeployment = serve.deployment(Gateway, name="Gateway", **DEPLOYMENT_OPTIONS["Gateway"])
+TeacherDeployment = serve.deployment(Teacher, name="Teacher", **DEPLOYMENT_OPTIONS["Teacher"])
 
 
 class AppArgs(BaseModel):
@@ -53,22 +57,9 @@ def default_serve_config(port: int = 8000) -> dict[str, Any]:
             "import_path": "serving.app:build_app",
             "args": {"teacher_threads": 1},
             "deployments": [
-                {
-                    "name": "Gateway",
-                    "num_replicas": 1,
-                    "max_ongoing_requests": 256,
-                    "max_queued_requests": 512,
-                    "ray_actor_options": {"num_cpus": 0.5},
-                    "user_config": gateway,
-                },
-                {
-                    "name": "Teacher",
-                    "num_replicas": 1,
-                    "max_ongoing_requests": 32,
-                    "max_queued_requests": 64,
-                    "ray_actor_options": {"num_cpus": 0.5},
-                    "user_config": {"model": dict(gateway["model"])},
-                },
+                {"name": "Gateway", **copy.deepcopy(DEPLOYMENT_OPTIONS["Gateway"]), "user_config": gateway},
+                {"name": "Teacher", **copy.deepcopy(DEPLOYMENT_OPTIONS["Teacher"]),
+                 "user_config": {"model": dict(gateway["model"])}},
             ],
         }],
     }

@@ -153,8 +153,9 @@ class Gateway:
             temperature=manifest.temperatures.student,
             measure=config.routing.confidence_measure or ConfidenceMeasure(manifest.confidence_measure),
         )
-        self.gate.configure(config.teacher.max_concurrency, config.teacher.max_share, config.teacher.max_texts_per_s)
-        self.gate.window_s = config.teacher.budget_window_s
+        teacher = config.teacher
+        self.gate.configure(teacher.max_concurrency, teacher.max_share, teacher.max_texts_per_s,
+                            teacher.budget_window_s)
         self._student_logits.set_max_batch_size(config.student.max_batch_size)
         self._student_logits.set_batch_wait_timeout_s(config.student.batch_wait_timeout_s)
         self.config = config

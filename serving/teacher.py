@@ -54,13 +54,3 @@ class Teacher:
 
     async def ready(self) -> str | None:
         return self.version
-
-
-TeacherDeployment = serve.deployment(
-    Teacher,
-    name="Teacher",
-    ray_actor_options={"num_cpus": 0.5},
-    max_ongoing_requests=32,
-    max_queued_requests=64,
-    health_check_period_s=5,
-)
