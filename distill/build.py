@@ -85,12 +85,26 @@ def fine_tune_teacher(cfg: BuildConfig, splits: Splits, work: Path):
 
 def distill_student(cfg: BuildConfig, teacher, tokenizer, splits: Splits, soft_targets: np.ndarray,
                     train_set=None, desc: str = "student distillation"):
-    """Shallow copy of the teacher trained on ``alpha * CE + (1 - alpha) * T^2 * KL`` against its logits."""
+    """Shallow copy of the teacher trained on ``alpha * CE + (1 - alpha) * T^2 * KL`` against its logits.
+
+    Each epoch may add teacher-labelled perturbations of the train texts (``kd_augment``); the epoch
+    kept is the one whose val answers agree most with the teacher's, since agreement is what decides
+    how much traffic the cascade must defer.
+    """
+    train_set = train_set or splits.train
     student = train.student_from_teacher(teacher, cfg.student_layers)
+    val_teacher_labels = train.predict_logits(teacher, tokenizer, splits.val.texts, cfg.max_length).argmax(-1)
+
+    def augmented(_epoch: int, rng: np.random.Generator) -> tuple[list[str], np.ndarray]:
+        texts = train.perturb(train_set.texts, rng)
+        return texts, train.predict_logits(teacher, tokenizer, texts, cfg.max_length, desc="teacher labels")
+
     return train.fit(
-        student, tokenizer, train_set or splits.train, splits.val, epochs=cfg.student_epochs, lr=cfg.student_lr,
+        student, tokenizer, train_set, splits.val, epochs=cfg.student_epochs, lr=cfg.student_lr,
         batch_size=cfg.student_batch_size, max_length=cfg.max_length,
         loss_fn=train.distillation_loss(cfg.kd_alpha, cfg.kd_temperature), soft_targets=soft_targets,
+        extra=augmented if cfg.kd_augment else None,
+        score=lambda logits: float((logits.argmax(-1) == val_teacher_labels).mean()), bucket_by_length=True,
         seed=cfg.seed, desc=desc,
     )
 
@@ -100,19 +114,20 @@ def _student_checkpoint(cfg: BuildConfig, teacher, tokenizer, splits: Splits, so
     student_dir = work / "student_fp32"
     done = student_dir / "cascade_done.json"
     key = _teacher_key(cfg) | {k: getattr(cfg, k) for k in ("student_layers", "student_epochs", "student_lr",
-                                                            "student_batch_size", "kd_alpha", "kd_temperature")}
+                                                            "student_batch_size", "kd_alpha", "kd_temperature",
+                                                            "kd_augment")}
     if done.is_file() and json.loads(done.read_text()).get("settings") == key:
         from transformers import AutoModelForSequenceClassification
 
         tqdm.write(f"student: reusing {student_dir}")
         model = AutoModelForSequenceClassification.from_pretrained(
             str(student_dir), local_files_only=True, use_safetensors=True).eval()
-        return model, json.loads(done.read_text())["val_accuracy"]
-    student, val_accuracy = distill_student(cfg, teacher, tokenizer, splits, soft)
+        return model, json.loads(done.read_text())["val_agreement"]
+    student, val_agreement = distill_student(cfg, teacher, tokenizer, splits, soft)
     shutil.rmtree(student_dir, ignore_errors=True)
     student.save_pretrained(str(student_dir), safe_serialization=True)
-    done.write_text(json.dumps({"settings": key, "val_accuracy": val_accuracy}))
-    return student, val_accuracy
+    done.write_text(json.dumps({"settings": key, "val_agreement": val_agreement}))
+    return student, val_agreement
 
 
 def calibrate_bundle_dir(staging: Path, cfg: BuildConfig, val_student_logits: np.ndarray,
@@ -161,7 +176,7 @@ def build(cfg: BuildConfig, home: Path, promote: bool = True) -> Bundle:
     val_teacher = train.predict_logits(teacher, tokenizer, splits.val.texts, cfg.max_length)
     test_teacher = train.predict_logits(teacher, tokenizer, splits.test.texts, cfg.max_length)
 
-    student, student_val = _student_checkpoint(cfg, teacher, tokenizer, splits, soft, work)
+    student, student_val_agreement = _student_checkpoint(cfg, teacher, tokenizer, splits, soft, work)
     registry.root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=registry.root))
     try:
@@ -187,7 +202,7 @@ def build(cfg: BuildConfig, home: Path, promote: bool = True) -> Bundle:
                          "sha256": splits.test.fingerprint()},
             },
             "parent_version": registry.current_version(),
-            "metrics": {"teacher_val_accuracy": teacher_val, "student_fp32_val_accuracy": student_val,
+            "metrics": {"teacher_val_accuracy": teacher_val, "student_fp32_val_agreement": student_val_agreement,
                         "quantization": quantization},
             "build": cfg.model_dump(),
         }

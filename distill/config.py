@@ -19,8 +19,10 @@ class BuildConfig(BaseModel):
     teacher_epochs: int = 3
     teacher_lr: float = 4e-5
     teacher_batch_size: int = 32
-    student_layers: int = Field(3, description="Layers kept from the teacher, evenly spaced, DistilBERT-style.")
-    student_epochs: int = 4
+    student_layers: int = Field(4, description="Layers kept from the teacher, evenly spaced, DistilBERT-style.")
+    student_epochs: int = 3
+    kd_augment: bool = Field(True, description="Add a fresh teacher-labelled perturbed copy of the train texts "
+                             "to each distillation epoch.")
     student_lr: float = 1e-4
     student_batch_size: int = 32
     kd_alpha: float = Field(0.2, ge=0.0, le=1.0, description="Weight of the hard-label loss.")
@@ -46,6 +48,7 @@ class BuildConfig(BaseModel):
             teacher_lr=1.5e-4,
             student_layers=1,
             student_epochs=2,
+            kd_augment=True,
             student_lr=3e-4,
             bootstrap_samples=100,
             latency_runs=20,

@@ -23,7 +23,9 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.context import _get_serve_request_context
 from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from distill.registry import Bundle, Registry
 from routing.confidence import ConfidenceMeasure, softmax
@@ -64,19 +66,24 @@ api = FastAPI(
 )
 
 
-def _error(request: Request, status: int, error: str, detail: Any = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
-    request_id = getattr(request.state, "request_id", None) or _request_id(request)
+def _error_response(request_id: str, status: int, error: str, detail: Any = None,
+                    headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": error, "detail": detail, "id": request_id}, status_code=status, headers=headers)
 
 
-def _request_id(request: Request) -> str:
+def _error(request: Request, status: int, error: str, detail: Any = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    request_id = request.scope.get("state", {}).get("request_id") or _request_id(request.headers)
+    return _error_response(request_id, status, error, detail, headers)
+
+
+def _request_id(headers: Headers) -> str:
     """Serve's own request id: it honours a client's X-Request-ID, and Serve returns it as a header
     and writes it on every replica log line, so body, header and logs agree."""
     serve_id = _get_serve_request_context().request_id
     if serve_id:
         return serve_id
-    supplied = request.headers.get("x-request-id", "")
+    supplied = headers.get("x-request-id", "")
     return supplied if REQUEST_ID.match(supplied) else uuid.uuid4().hex
 
 
@@ -95,19 +102,40 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return _error(request, exc.status_code, str(exc.detail))
 
 
-@api.middleware("http")
-async def _request_context(request: Request, call_next):
-    """Request id in every answer body, API key check, and a hard limit on the declared body size."""
-    request.state.request_id = _request_id(request)
-    gateway = replica_state.gateway
-    if gateway is not None:
-        if not request.url.path.startswith(OPEN_PATHS) and not gateway.authorized(request):
-            return _error(request, 401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
-        declared = request.headers.get("content-length")
-        limit = gateway.config.limits.max_body_bytes
-        if declared and declared.isdigit() and int(declared) > limit:
-            return _error(request, 413, f"request body over {limit} bytes")
-    return await call_next(request)
+class RequestContextMiddleware:
+    """Request id, API key check and a hard limit on the declared body size, before any routing.
+
+    Pure ASGI on purpose: Starlette's ``@app.middleware("http")`` wraps every request in extra tasks
+    and streams, a measurable cost on a path that must stay near a millisecond.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        request_id = _request_id(headers)
+        scope.setdefault("state", {})["request_id"] = request_id
+        gateway = replica_state.gateway
+        refusal: JSONResponse | None = None
+        if gateway is not None:
+            declared = headers.get("content-length", "")
+            limit = gateway.config.limits.max_body_bytes
+            if not scope["path"].startswith(OPEN_PATHS) and not gateway.authorized(headers):
+                refusal = _error_response(request_id, 401, "missing or invalid API key",
+                                          headers={"WWW-Authenticate": "Bearer"})
+            elif declared.isdigit() and int(declared) > limit:
+                refusal = _error_response(request_id, 413, f"request body over {limit} bytes")
+        if refusal is not None:
+            await refusal(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+api.add_middleware(RequestContextMiddleware)
 
 
 def _flatten(data: list[Any]) -> list[Any]:
@@ -160,10 +188,10 @@ class Gateway:
         self._student_logits.set_batch_wait_timeout_s(config.student.batch_wait_timeout_s)
         self.config = config
 
-    def authorized(self, request: Request) -> bool:
+    def authorized(self, headers: Headers) -> bool:
         if self.auth.api_key is None:
             return True
-        header = request.headers.get("authorization", "")
+        header = headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         expected = self.auth.api_key.get_secret_value().encode()
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected)
