@@ -29,7 +29,15 @@ from distill.evaluate import (
     write_report,
 )
 from distill.export import build_student_onnx
-from distill.registry import CURVE_FILE, STUDENT_FILE, TEACHER_DIR, TOKENIZER_DIR, Bundle, Registry
+from distill.registry import (
+    CURVE_FILE,
+    STUDENT_FILE,
+    STUDENT_FP32_DIR,
+    TEACHER_DIR,
+    TOKENIZER_DIR,
+    Bundle,
+    Registry,
+)
 from routing.calibration import fit_temperature
 from routing.confidence import ConfidenceMeasure, softmax
 from serving.runtime import StudentRuntime
@@ -181,6 +189,7 @@ def build(cfg: BuildConfig, home: Path, promote: bool = True) -> Bundle:
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=registry.root))
     try:
         teacher.save_pretrained(str(staging / TEACHER_DIR), safe_serialization=True)
+        student.save_pretrained(str(staging / STUDENT_FP32_DIR), safe_serialization=True)
         tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
         quantization = build_student_onnx(student, tokenizer, splits.val.texts[:256], cfg.max_length,
                                           staging / STUDENT_FILE)

@@ -171,6 +171,88 @@ FAST_PATH_ENV = {
 SLOW_START_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
 
 
+QueueUrl = Annotated[str | None, typer.Option("--queue", help="Queue URL: sqlite:///path.db or redis://host:port/db "
+                                              "(default: $CASCADE_QUEUE_URL, else SQLite in the model home).")]
+queue_app = typer.Typer(help="The distillation queue: what the gateway learned from the teacher.", no_args_is_help=True)
+app.add_typer(queue_app, name="queue")
+
+
+def _open_queue(url: str | None, home: Path):
+    from routing.queue import default_queue_url, open_queue
+
+    return open_queue(url or os.environ.get("CASCADE_QUEUE_URL") or default_queue_url(home))
+
+
+@queue_app.command("stats")
+def queue_stats(queue: QueueUrl = None, home: Home = None) -> None:
+    """Backlog, leased records and the oldest record's age, as JSON."""
+    typer.echo(_open_queue(queue, _home(home)).stats().model_dump_json(indent=2))
+
+
+@queue_app.command("export")
+def queue_export(queue: QueueUrl = None, home: Home = None,
+                 output: Annotated[Path | None, typer.Option(help="JSONL file (default stdout).")] = None) -> None:
+    """Every queued record as JSON lines (the queue keeps them)."""
+    backend = _open_queue(queue, _home(home))
+    handle = output.open("w") if output else sys.stdout
+    count = 0
+    for record in backend.export():
+        handle.write(record.model_dump_json() + "\n")
+        count += 1
+    if output:
+        handle.close()
+        typer.echo(f"exported {count} records to {output}")
+
+
+@queue_app.command("purge")
+def queue_purge(queue: QueueUrl = None, home: Home = None,
+                yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")] = False) -> None:
+    """Delete every queued record (they hold user text)."""
+    if not yes:
+        typer.confirm("delete every queued record?", abort=True)
+    typer.echo(f"purged {_open_queue(queue, _home(home)).purge()} records")
+
+
+def _duration_s(text: str) -> float:
+    import re
+
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
+    if match is None:
+        raise typer.BadParameter(f"{text!r}: use a number and a unit, e.g. 90s, 30m, 6h, 1d")
+    return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+@app.command()
+def distill(
+    from_queue: Annotated[bool, typer.Option("--from-queue", help="Train on the queued teacher answers.")] = False,
+    queue: QueueUrl = None,
+    home: Home = None,
+    every: Annotated[str | None, typer.Option(help="Run again after this long (e.g. 6h); stop with Ctrl-C.")] = None,
+    epochs: Annotated[int, typer.Option(help="Epochs over base + queued texts.")] = 2,
+    promote: Annotated[bool, typer.Option(help="Promote a new student that passes the gate.")] = True,
+) -> None:
+    """Re-distill the student from the queue, gate it against the current one, register and promote it."""
+    import time
+
+    if not from_queue:
+        _fail("only --from-queue is supported: `cascade build` makes a bundle from the base data")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from distill.redistill import RedistillConfig, redistill
+
+    home = _home(home)
+    period = _duration_s(every) if every else None
+    cfg = RedistillConfig(epochs=epochs, promote=promote)
+    while True:
+        result = redistill(home, _open_queue(queue, home), cfg)
+        typer.echo(result.model_dump_json(indent=2))
+        if period is None:
+            if result.status == "rejected":
+                raise typer.Exit(code=2)
+            return
+        time.sleep(period)
+
+
 @app.command()
 def serve(
     home: Home = None,
@@ -180,6 +262,8 @@ def serve(
     fast: Annotated[bool, typer.Option(
         help="HAProxy ingress + throughput-optimised Serve (default). --no-fast: Ray's Python proxy.")] = True,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs of the local Ray (default: all).")] = None,
+    metrics_port: Annotated[int, typer.Option(help="Ray's Prometheus metrics port on this node (every replica's "
+                                              "cascade_* metrics; deploy/prometheus.yml scrapes it).")] = 8080,
 ) -> None:
     """Start a local Ray and the gateway on the current bundle; blocks until interrupted.
 
@@ -215,13 +299,14 @@ def serve(
 
     schema = ServeDeploySchema.model_validate(serve_config)
     # The dashboard (127.0.0.1 only) carries Serve's REST API: `serve status`, `serve deploy`.
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             _metrics_export_port=metrics_port)
     client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
                                    global_logging_config=schema.logging_config)
     client.deploy_apps(schema, _blocking=False)
     _wait_until_running(timeout_s=900)
     exposed = (f"0.0.0.0:{port} (HAProxy), 0.0.0.0:8404 (HAProxy stats), 0.0.0.0:9101, replica ports from 30000"
-               if fast else f"127.0.0.1:{port}")
+               if fast else f"127.0.0.1:{port}") + f"; metrics on :{metrics_port}/metrics"
     auth = ("API key required" if os.environ.get("CASCADE_API_KEY") or os.environ.get("CASCADE_API_KEY_FILE")
             else "no API key set (CASCADE_API_KEY): anyone who can reach these ports can call it")
     typer.echo(f"cascade: bundle {bundle.version} ready on http://127.0.0.1:{port}\n"

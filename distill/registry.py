@@ -6,6 +6,7 @@ Layout under ``$CASCADE_HOME``::
     registry/<version>/teacher/        Hugging Face directory (safetensors)
     registry/<version>/tokenizer/      Hugging Face tokenizer files
     registry/<version>/student.onnx    int8 student
+    registry/<version>/student_fp32/   the student before export (safetensors): where re-distillation starts
     registry/<version>/manifest.json   labels, temperatures, threshold, sha256 of every file, lineage, metrics
     registry/<version>/report.json, operating_curve.png
     registry/current                   the served version (replaced atomically)
@@ -29,6 +30,7 @@ from pydantic import BaseModel, Field
 MANIFEST = "manifest.json"
 STUDENT_FILE = "student.onnx"
 TEACHER_DIR = "teacher"
+STUDENT_FP32_DIR = "student_fp32"
 TOKENIZER_DIR = "tokenizer"
 REPORT_FILE = "report.json"
 CURVE_FILE = "operating_curve.png"
@@ -56,6 +58,7 @@ class Manifest(BaseModel):
     files: dict[str, str] = Field(description="relative path -> sha256")
     source_data: dict[str, Any] = Field(default_factory=dict)
     parent_version: str | None = None
+    teacher_version: str | None = Field(None, description="Bundle the teacher was trained in; kept by re-distillation.")
     queue_records: list[str] = Field(default_factory=list)
     metrics: dict[str, Any] = Field(default_factory=dict)
     build: dict[str, Any] = Field(default_factory=dict)
@@ -69,6 +72,11 @@ class Bundle:
     @property
     def version(self) -> str:
         return self.manifest.version
+
+    @property
+    def teacher_version(self) -> str:
+        """Which teacher this is: the bundle it was trained in (re-distilled bundles keep their parent's)."""
+        return self.manifest.teacher_version or self.manifest.version
 
     @property
     def student_path(self) -> Path:

@@ -118,3 +118,21 @@ class TeacherGate:
 
     def release(self) -> None:
         self.in_flight = max(0, self.in_flight - 1)
+
+
+class ShadowSampler:
+    """Picks a share of student-served texts to also ask the teacher, off the request's path.
+
+    An unbiased sample of what the student keeps: its agreement with the teacher there estimates the
+    student's accuracy on its own traffic, and a fall in it is drift.
+    """
+
+    def __init__(self, share: float, seed: int | None = None) -> None:
+        self.share = share
+        self._rng = np.random.default_rng(seed)
+
+    def pick(self, candidates: list[int]) -> list[int]:
+        if self.share <= 0 or not candidates:
+            return []
+        chosen = self._rng.random(len(candidates)) < self.share
+        return [index for index, keep in zip(candidates, chosen, strict=True) if keep]

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal, Protocol
 
+import numpy as np
 from pydantic import BaseModel, Field
 
 
@@ -34,8 +35,22 @@ class DisagreementRecord(BaseModel):
     teacher_probs: list[float]
     student_version: str
     teacher_version: str
-    reason: Literal["fallback", "shadow", "forced"]
+    reason: Literal["fallback", "shadow"]
     disagree: bool
+
+
+def teacher_answer_records(texts: list[str], student_probs: np.ndarray, teacher_probs: np.ndarray,
+                           student_version: str, teacher_version: str, reason: Literal["fallback", "shadow"],
+                           keep: Literal["disagreements", "all"]) -> list[DisagreementRecord]:
+    """One record per text the teacher answered; only disagreements unless ``keep`` is ``all``."""
+    disagree = student_probs.argmax(-1) != teacher_probs.argmax(-1)
+    return [
+        DisagreementRecord(text=text, student_probs=s.tolist(), teacher_probs=t.tolist(),
+                           student_version=student_version, teacher_version=teacher_version, reason=reason,
+                           disagree=bool(d))
+        for text, s, t, d in zip(texts, student_probs, teacher_probs, disagree, strict=True)
+        if d or keep == "all"
+    ]
 
 
 class Leased(BaseModel):
@@ -245,6 +260,11 @@ class QueueSettings(BaseModel):
     buffer_size: int = Field(10_000, ge=1, description="Records held in memory before writes are dropped.")
     flush_interval_s: float = Field(0.5, gt=0)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+
+
+def default_queue_url(home: str | Path) -> str:
+    """SQLite beside the registry: one file, for one node."""
+    return f"sqlite:///{Path(home).resolve() / 'queue.db'}"
 
 
 def open_queue(url: str) -> QueueBackend:

@@ -11,9 +11,11 @@ import hmac
 import json
 import logging
 import re
+import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -29,8 +31,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from distill.registry import Bundle, Registry
 from routing.confidence import ConfidenceMeasure, softmax
-from routing.policy import DeferralPolicy, DegradedReason, Route, TeacherGate
+from routing.policy import DeferralPolicy, DegradedReason, Route, ShadowSampler, TeacherGate
+from routing.queue import open_queue, teacher_answer_records
+from routing.recorder import RecordWriter
 from serving import replica_state
+from serving.metrics import GatewayMetrics
 from serving.runtime import StudentRuntime
 from serving.schemas import (
     ClassifyRequest,
@@ -40,7 +45,7 @@ from serving.schemas import (
     InferResponse,
     ModelMetadata,
 )
-from serving.settings import AuthSettings, GatewayConfig
+from serving.settings import AuthSettings, GatewayConfig, queue_url
 
 logger = logging.getLogger("ray.serve")
 
@@ -87,18 +92,27 @@ def _request_id(headers: Headers) -> str:
     return supplied if REQUEST_ID.match(supplied) else uuid.uuid4().hex
 
 
+def _count_refusal(status: int) -> None:
+    gateway = replica_state.gateway
+    if gateway is not None:
+        gateway.metrics.refused(status)
+
+
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    _count_refusal(exc.status)
     return _error(request, exc.status, exc.error, exc.detail, exc.headers)
 
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    _count_refusal(422)
     return _error(request, 422, "invalid request", json.loads(json.dumps(exc.errors(), default=str)))
 
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    _count_refusal(exc.status_code)
     return _error(request, exc.status_code, str(exc.detail))
 
 
@@ -130,6 +144,7 @@ class RequestContextMiddleware:
             elif declared.isdigit() and int(declared) > limit:
                 refusal = _error_response(request_id, 413, f"request body over {limit} bytes")
         if refusal is not None:
+            _count_refusal(refusal.status_code)
             await refusal(scope, receive, send)
         else:
             await self.app(scope, receive, send)
@@ -157,36 +172,82 @@ class Gateway:
         self.student: StudentRuntime | None = None
         self.policy: DeferralPolicy | None = None
         self.gate = TeacherGate(0, 0.0)
+        self.shadow = ShadowSampler(0.0)
+        self.writer: RecordWriter | None = None
+        self._writer_url: str | None = None
+        self._background: set[asyncio.Task] = set()
         self.in_flight = 0
+        self.shadow_sent = 0
+        self.shadow_agreed = 0
+        self.metrics = GatewayMetrics()
+        self._swap_lock = threading.Lock()
         # One worker thread: ONNX Runtime work leaves the event loop, which keeps accepting
         # requests (and filling the next batch) while a batch runs.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="student")
         self.reconfigure(config or {})
         replica_state.gateway = self
+        self._stop = threading.Event()
+        threading.Thread(target=self._follow_current, name="cascade-follow-current", daemon=True).start()
 
     # -- configuration -------------------------------------------------------------------------
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply a new ``GatewayConfig`` (Serve ``user_config``): thresholds, limits, budget, model."""
         config = GatewayConfig.model_validate(user_config)
-        bundle = Registry(config.model.home).load(config.model.version)
-        if self.bundle is None or bundle.version != self.bundle.version:
-            student = StudentRuntime(bundle.student_path, bundle.tokenizer_dir, bundle.manifest.max_length,
-                                     config.student.threads)
-            self.student, self.bundle = student, bundle
-            logger.info("gateway serving student %s", bundle.version)
-        assert self.bundle is not None
-        manifest = self.bundle.manifest
-        self.policy = DeferralPolicy(
-            threshold=config.routing.threshold if config.routing.threshold is not None else manifest.threshold,
-            temperature=manifest.temperatures.student,
-            measure=config.routing.confidence_measure or ConfidenceMeasure(manifest.confidence_measure),
-        )
+        self._use_bundle(Registry(config.model.home).load(config.model.version), config)
         teacher = config.teacher
         self.gate.configure(teacher.max_concurrency, teacher.max_share, teacher.max_texts_per_s,
                             teacher.budget_window_s)
+        self.shadow = ShadowSampler(config.shadow.share)
         self._student_logits.set_max_batch_size(config.student.max_batch_size)
         self._student_logits.set_batch_wait_timeout_s(config.student.batch_wait_timeout_s)
+        url = queue_url(config)
+        if url != self._writer_url:
+            old = self.writer
+            self.writer = RecordWriter(lambda: open_queue(url), config.queue.buffer_size, config.queue.flush_interval_s)
+            self._writer_url = url
+            if old is not None:
+                threading.Thread(target=old.close, daemon=True).start()
         self.config = config
+
+    def _use_bundle(self, bundle: Bundle, config: GatewayConfig) -> None:
+        """Swap student, bundle and policy together; requests in flight finish on the objects they hold."""
+        with self._swap_lock:
+            student = self.student
+            if self.bundle is None or bundle.version != self.bundle.version:
+                student = StudentRuntime(bundle.student_path, bundle.tokenizer_dir, bundle.manifest.max_length,
+                                         config.student.threads)
+                logger.info("gateway serving student %s", bundle.version)
+            manifest = bundle.manifest
+            policy = DeferralPolicy(
+                threshold=config.routing.threshold if config.routing.threshold is not None else manifest.threshold,
+                temperature=manifest.temperatures.student,
+                measure=config.routing.confidence_measure or ConfidenceMeasure(manifest.confidence_measure),
+            )
+            self.student, self.bundle, self.policy = student, bundle, policy
+
+    def _follow_current(self) -> None:
+        """Swap to a newly promoted (or rolled back) version; loading happens off the event loop."""
+        while not self._stop.wait(self.config.model.poll_interval_s):
+            self._publish_state()
+            config = self.config
+            if config.model.version is not None:
+                continue
+            try:
+                current = Registry(config.model.home).current_version()
+                if current and self.bundle is not None and current != self.bundle.version:
+                    self._use_bundle(Registry(config.model.home).load(current), config)
+            except Exception as exc:  # a bad promotion keeps the running model
+                logger.error("not swapping to the new current model: %s", exc)
+
+    def _publish_state(self) -> None:
+        """Gauges and queue counters, refreshed on the follow thread's beat (never on the request path)."""
+        bundle, policy, writer = self.bundle, self.policy, self.writer
+        if bundle is None or policy is None:
+            return
+        self.metrics.set_models(bundle.version, bundle.teacher_version)
+        self.metrics.routing_state(policy.threshold, self.gate.share(), self.config.teacher.max_share)
+        if writer is not None:
+            self.metrics.queue_counters(writer.written, writer.dropped, writer.retried, writer.backlog)
 
     def authorized(self, headers: Headers) -> bool:
         if self.auth.api_key is None:
@@ -202,7 +263,10 @@ class Gateway:
         student = self.student
         assert student is not None
         loop = asyncio.get_running_loop()
-        return list(await loop.run_in_executor(self._executor, student.logits, texts))
+        started = time.perf_counter()
+        logits = await loop.run_in_executor(self._executor, student.logits, texts)
+        self.metrics.student.call(len(texts), time.perf_counter() - started)
+        return list(logits)
 
     async def _ask_teacher(self, texts: list[str], enforce_budget: bool) -> tuple[np.ndarray | None, str | None,
                                                                                    DegradedReason | None]:
@@ -225,17 +289,27 @@ class Gateway:
         assert bundle is not None and policy is not None
         logits = np.stack(await asyncio.gather(*(self._student_logits(t) for t in texts)))
         decisions = policy.decide(logits, route)
+        for decision in decisions:
+            self.metrics.confidence.observe(decision.confidence)
         if route is Route.AUTO:
             self.gate.observe(len(texts))
         deferred = [i for i, d in enumerate(decisions) if d.to_teacher]
         teacher_probs: np.ndarray | None = None
-        teacher_version, reason = bundle.version, None
+        teacher_version, reason = bundle.teacher_version, None
         if deferred:
             teacher_logits, version, reason = await self._ask_teacher(
                 [texts[i] for i in deferred], enforce_budget=route is Route.AUTO)
             if teacher_logits is not None:
                 teacher_probs = softmax(teacher_logits, bundle.manifest.temperatures.teacher)
                 teacher_version = version or teacher_version
+                if route is Route.AUTO:
+                    self._record([texts[i] for i in deferred], np.stack([decisions[i].probabilities for i in deferred]),
+                                 teacher_probs, bundle, teacher_version, "fallback")
+        if route is Route.AUTO:
+            shadowed = self.shadow.pick([i for i, d in enumerate(decisions) if not d.to_teacher])
+            if shadowed:
+                self._spawn(self._shadow([texts[i] for i in shadowed],
+                                         np.stack([decisions[i].probabilities for i in shadowed]), bundle))
         labels = bundle.manifest.labels
         results = []
         teacher_row = {index: row for row, index in enumerate(deferred)}
@@ -257,6 +331,41 @@ class Gateway:
                 "teacher_version": teacher_version,
             })
         return results
+
+    # -- the loop back to distillation -----------------------------------------------------------
+    def _record(self, texts: list[str], student_probs: np.ndarray, teacher_probs: np.ndarray, bundle: Bundle,
+                teacher_version: str, reason: Literal["fallback", "shadow"]) -> None:
+        """Hand the teacher's answers to the queue writer; never blocks (a full buffer is counted)."""
+        disagreements = int((student_probs.argmax(-1) != teacher_probs.argmax(-1)).sum())
+        if disagreements:
+            self.metrics.disagreements.inc(disagreements, tags={"source": reason})
+        writer = self.writer
+        if writer is None:
+            return
+        for record in teacher_answer_records(texts, student_probs, teacher_probs, bundle.version, teacher_version,
+                                             reason, self.config.queue.keep):
+            writer.submit(record)
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _shadow(self, texts: list[str], student_probs: np.ndarray, bundle: Bundle) -> None:
+        """Ask the teacher about texts the student already answered; the request has gone."""
+        teacher_logits, version, _ = await self._ask_teacher(texts, enforce_budget=True)
+        if teacher_logits is None:
+            return
+        teacher_probs = softmax(teacher_logits, bundle.manifest.temperatures.teacher)
+        agreed = int((teacher_probs.argmax(-1) == student_probs.argmax(-1)).sum())
+        self.shadow_sent += len(texts)
+        self.shadow_agreed += agreed
+        self.metrics.shadowed(len(texts), agreed, self.config.cost)
+        self._record(texts, student_probs, teacher_probs, bundle, version or bundle.teacher_version, "shadow")
+
+    def _answered(self, results: list[dict[str, Any]], started: float) -> None:
+        teacher_texts = sum(1 for r in results if r["served_by"] == "teacher")
+        self.metrics.answered(results, time.perf_counter() - started, self.config.cost, teacher_texts)
 
     def _admit(self) -> None:
         if self.in_flight >= self.config.limits.max_in_flight:
@@ -288,6 +397,7 @@ class Gateway:
     @api.post("/v1/classify", response_model=ClassifyResponse)
     async def classify(self, request: Request) -> Response:
         """Classify texts; `route` is auto (default), student or teacher."""
+        started = time.perf_counter()
         self._admit()
         self.in_flight += 1
         try:
@@ -301,6 +411,7 @@ class Gateway:
                                json.loads(exc.json(include_url=False, include_input=False))) from exc
             self._check_texts(parsed.texts)
             results = await self.classify_texts(parsed.texts, parsed.route)
+            self._answered(results, started)
             request_id = request.state.request_id
             logger.info("request %s: %d texts, route %s", request_id, len(parsed.texts), parsed.route.value)
             return JSONResponse({"id": request_id, "results": results})
@@ -317,6 +428,9 @@ class Gateway:
             "confidence_measure": self.policy.measure.value,
             "teacher_share": self.gate.share(),
             "in_flight": self.in_flight,
+            "shadow": {"texts": self.shadow_sent, "agreed": self.shadow_agreed},
+            "queue": None if self.writer is None else {"written": self.writer.written, "dropped": self.writer.dropped,
+                                                       "retried": self.writer.retried, "backlog": self.writer.backlog},
             "config": self.config.model_dump(mode="json"),
         }
 
@@ -360,6 +474,7 @@ class Gateway:
     @api.post("/v2/models/{name}/infer", response_model=InferResponse)
     async def infer(self, name: str, request: Request) -> Response:
         """KServe v2 inference with one BYTES input of texts."""
+        started = time.perf_counter()
         route = self._model_route(name)
         self._admit()
         self.in_flight += 1
@@ -377,6 +492,7 @@ class Gateway:
                 raise ApiError(422, "input data must be a non-empty list of strings")
             self._check_texts(texts)
             results = await self.classify_texts(texts, route)
+            self._answered(results, started)
             assert self.bundle is not None
             n, labels = len(results), self.bundle.manifest.labels
             outputs = [

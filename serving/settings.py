@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field, SecretStr
 
 from routing.confidence import ConfidenceMeasure
+from routing.queue import QueueSettings, default_queue_url
 
 
 class ModelSettings(BaseModel):
@@ -20,6 +21,8 @@ class ModelSettings(BaseModel):
     home: str = Field(default_factory=lambda: os.environ.get("CASCADE_HOME", "models"),
                       description="Model home holding registry/ (default $CASCADE_HOME or ./models).")
     version: str | None = Field(None, description="Pinned registry version; None follows `current`.")
+    poll_interval_s: float = Field(2.0, gt=0.0, description="How often a replica checks `current` for a "
+                                   "promotion or rollback (then swaps without a restart).")
 
 
 class RoutingSettings(BaseModel):
@@ -47,6 +50,20 @@ class TeacherSettings(BaseModel):
     budget_window_s: float = Field(10.0, gt=0.0)
 
 
+class ShadowSettings(BaseModel):
+    """Shadow sampling: a share of student-served texts also goes to the teacher, after the answer."""
+
+    share: float = Field(0.02, ge=0.0, le=1.0, description="Share of student-served texts also sent to the "
+                         "teacher off the critical path; counts against the teacher budget, skipped when refused.")
+
+
+class CostSettings(BaseModel):
+    """Prices per 1,000 inferences, so cost and savings are one PromQL expression (defaults: illustrative)."""
+
+    student_per_1k: float = Field(0.002, ge=0, description="Dollars per 1,000 student inferences.")
+    teacher_per_1k: float = Field(0.02, ge=0, description="Dollars per 1,000 teacher inferences.")
+
+
 class LimitSettings(BaseModel):
     """Request limits; beyond them a clear 4xx, beyond capacity a 503 with Retry-After."""
 
@@ -58,10 +75,15 @@ class LimitSettings(BaseModel):
 
 
 class GatewayConfig(BaseModel):
+    """Everything the gateway replica reads, one model per concern (Serve ``user_config``)."""
+
     model: ModelSettings = Field(default_factory=ModelSettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     student: StudentSettings = Field(default_factory=StudentSettings)
     teacher: TeacherSettings = Field(default_factory=TeacherSettings)
+    shadow: ShadowSettings = Field(default_factory=ShadowSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    cost: CostSettings = Field(default_factory=CostSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
 
 
@@ -77,3 +99,8 @@ class AuthSettings(BaseModel):
         if not key and key_file:
             key = Path(key_file).read_text().strip()
         return cls(api_key=SecretStr(key) if key else None)
+
+
+def queue_url(config: GatewayConfig) -> str:
+    """The configured queue, or SQLite beside the registry (one file, for one node)."""
+    return config.queue.url or default_queue_url(config.model.home)

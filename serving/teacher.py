@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from typing import Any
 
 import numpy as np
 from ray import serve
 
 from distill.registry import Registry
+from serving.metrics import ModelCallMetrics
 from serving.runtime import TeacherRuntime
 from serving.settings import ModelSettings
 
@@ -24,16 +27,29 @@ class Teacher:
         self.settings = ModelSettings.model_validate(model or {})
         self.version: str | None = None
         self.runtime: TeacherRuntime | None = None
+        self.metrics = ModelCallMetrics("teacher")
         self._load(self.settings)
+        threading.Thread(target=self._follow_current, name="cascade-follow-current", daemon=True).start()
 
     def _load(self, settings: ModelSettings) -> None:
-        bundle = Registry(settings.home).load(settings.version)
-        if bundle.version == self.version:
+        """Load the bundle's teacher unless it is the one already loaded (re-distilled bundles share it)."""
+        registry = Registry(settings.home)
+        if registry.load(settings.version, verify=False).teacher_version == self.version:
             return
+        bundle = registry.load(settings.version)
         self.runtime = TeacherRuntime(bundle.teacher_dir, bundle.tokenizer_dir, bundle.manifest.max_length,
                                       self.threads)
-        self.version = bundle.version
-        logger.info("teacher loaded bundle %s", self.version)
+        self.version = bundle.teacher_version
+        logger.info("teacher loaded from bundle %s (teacher %s)", bundle.version, self.version)
+
+    def _follow_current(self) -> None:
+        while True:
+            time.sleep(self.settings.poll_interval_s)
+            if self.settings.version is None:
+                try:
+                    self._load(self.settings)
+                except Exception as exc:  # keep serving the loaded teacher
+                    logger.error("teacher not reloaded: %s", exc)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """``{"model": {...}}``: follow a promotion without restarting the replica."""
@@ -45,7 +61,10 @@ class Teacher:
         runtime = self.runtime
         assert runtime is not None
         # Blocking PyTorch work runs off the event loop so health checks and batching keep going.
-        return list(await asyncio.to_thread(runtime.logits, texts))
+        started = time.perf_counter()
+        logits = await asyncio.to_thread(runtime.logits, texts)
+        self.metrics.call(len(texts), time.perf_counter() - started)
+        return list(logits)
 
     async def classify(self, texts: list[str]) -> dict[str, Any]:
         version = self.version

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import CASCADE
+from tests.servers import free_port
 
 API_KEY = "test-key-0123456789"
 PORT = 8123
@@ -28,6 +29,7 @@ class Gateway:
     url: str
     home: Path
     log: Path
+    metrics_port: int
 
     def client(self, **kwargs) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30, **kwargs)
@@ -42,9 +44,10 @@ def gateway(tiny_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     log = tmp_path_factory.mktemp("gateway") / "serve.log"
     env = os.environ | {"CASCADE_HOME": str(tiny_home), "CASCADE_API_KEY": API_KEY}
     _stop_ray()
+    metrics_port = free_port()
     with log.open("w") as out:
-        process = subprocess.Popen([CASCADE, "serve", "--port", str(PORT)], stdout=out, stderr=subprocess.STDOUT,
-                                   env=env, start_new_session=True)
+        process = subprocess.Popen([CASCADE, "serve", "--port", str(PORT), "--metrics-port", str(metrics_port)],
+                                   stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{PORT}"
     deadline = time.monotonic() + 300
     try:
@@ -59,7 +62,7 @@ def gateway(tiny_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             if time.monotonic() > deadline:
                 raise RuntimeError(f"gateway not ready after 300 s:\n{log.read_text()[-4000:]}")
             time.sleep(2)
-        yield Gateway(url, tiny_home, log)
+        yield Gateway(url, tiny_home, log, metrics_port)
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -96,7 +99,18 @@ def apply_config(gateway: Gateway, **user_config: dict) -> None:
         while time.monotonic() < deadline:
             status = client.get("/v1/status")
             live = status.json()["config"] if status.status_code == 200 else {}
-            if live and all(live[section] == wanted[section] for section in ("routing", "teacher", "limits")):
+            if live and all(live[section] == wanted[section] for section in wanted if section != "model"):
                 return
             time.sleep(1)
     raise AssertionError("configuration was not applied within 120 s")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that change the shared gateway for good (a promoted model, a killed replica) run last,
+    in the order their ``destructive(order=N)`` marker gives."""
+
+    def rank(item: pytest.Item) -> int:
+        marker = item.get_closest_marker("destructive")
+        return 0 if marker is None else 1 + marker.kwargs.get("order", 0)
+
+    items.sort(key=rank)

@@ -169,6 +169,7 @@ def test_bench_load_generator_measures_the_gateway(gateway: Gateway) -> None:
 
 
 # Last: the teacher replica is restarted by Serve afterwards, which takes a while.
+@pytest.mark.destructive(order=9)
 def test_a_killed_teacher_yields_degraded_answers_not_errors(gateway: Gateway, client: httpx.Client) -> None:
     apply_config(gateway, routing={"threshold": 1.0}, teacher={"timeout_s": 1.0})
     kill = (
