@@ -344,6 +344,19 @@ def _wait_until_running(timeout_s: float) -> None:
     _fail(f"the application was not running after {timeout_s:.0f} s")
 
 
+@app.command("drift-demo")
+def drift_demo(home: Home = None,
+               port: Annotated[int, typer.Option(help="Port of the demo's own gateway (127.0.0.1).")] = 8765,
+               epochs: Annotated[int, typer.Option(help="Re-distillation epochs.")] = 2) -> None:
+    """Show the loop on the shifted domain: stream Amazon texts, re-distill from the queue, measure again.
+
+    Starts its own gateway on a private copy of the current bundle; stop any running gateway first.
+    """
+    from loadtests.drift_demo import run
+
+    raise typer.Exit(code=run(_home(home), port=port, epochs=epochs))
+
+
 @app.command("serve-config")
 def serve_config_command(port: Annotated[int, typer.Option(help="HTTP port.")] = 8000) -> None:
     """Print the built-in Serve config (the source of deploy/serve.yaml)."""

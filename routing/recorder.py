@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
 
-from routing.queue import DisagreementRecord, QueueBackend
+from routing.queue import DisagreementRecord, QueueBackend, RetentionSettings
 
 logger = logging.getLogger(__name__)
 
@@ -25,13 +26,17 @@ class RecordWriter:
 
     def __init__(self, open_backend: Callable[[], QueueBackend], buffer_size: int = 10_000,
                  flush_interval_s: float = 0.5, batch_size: int = 256,
-                 on_written: Callable[[list[DisagreementRecord]], None] | None = None) -> None:
+                 on_written: Callable[[list[DisagreementRecord]], None] | None = None,
+                 retention: RetentionSettings | None = None, retention_every_s: float = 60.0) -> None:
         self._open_backend = open_backend
         self._backend: QueueBackend | None = None
         self._buffer: queue.Queue[DisagreementRecord] = queue.Queue(maxsize=buffer_size)
         self._flush_interval_s = flush_interval_s
         self._batch_size = batch_size
         self._on_written = on_written
+        self._retention = retention
+        self._retention_every_s = retention_every_s
+        self._retention_due = 0.0
         self._closing = threading.Event()
         self._pending = 0
         self.written = 0
@@ -110,3 +115,16 @@ class RecordWriter:
             self.written += len(batch)
             if self._on_written is not None:
                 self._on_written(batch)
+            self._apply_retention()
+
+    def _apply_retention(self) -> None:
+        """The queue holds user text: trim it by age and size now and then, on the writer's thread."""
+        if self._retention is None or self._backend is None or time.monotonic() < self._retention_due:
+            return
+        self._retention_due = time.monotonic() + self._retention_every_s
+        try:
+            removed = self._backend.apply_retention(self._retention)
+            if removed:
+                logger.info("distillation queue retention removed %d records", removed)
+        except Exception as exc:  # retention is housekeeping: the next beat tries again
+            logger.warning("distillation queue retention failed: %s", exc)

@@ -203,7 +203,8 @@ class Gateway:
         url = queue_url(config)
         if url != self._writer_url:
             old = self.writer
-            self.writer = RecordWriter(lambda: open_queue(url), config.queue.buffer_size, config.queue.flush_interval_s)
+            self.writer = RecordWriter(lambda: open_queue(url), config.queue.buffer_size, config.queue.flush_interval_s,
+                                       retention=config.queue.retention)
             self._writer_url = url
             if old is not None:
                 threading.Thread(target=old.close, daemon=True).start()

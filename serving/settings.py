@@ -37,7 +37,8 @@ class StudentSettings(BaseModel):
 
     threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads per replica.")
     max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.001, ge=0.0, description="How long a batch waits to fill.")
+    batch_wait_timeout_s: float = Field(0.0, ge=0.0, description="How long a batch waits to fill. 0: take what is "
+                                        "queued at once; under load the queue fills while the previous batch runs.")
 
 
 class TeacherSettings(BaseModel):

@@ -1,0 +1,107 @@
+"""The loop closed on a running gateway: teacher answers reach the queue, `cascade distill --from-queue`
+trains and gates a new student, and promotion and rollback swap it under load with no failed request."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+
+import httpx
+import pytest
+
+from distill.data import load_amazon_snippets
+from distill.registry import Registry
+from tests.conftest import run_cli
+from tests.integration.conftest import Gateway, apply_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.destructive(order=1)]
+
+
+class SteadyLoad:
+    """Closed-loop requests from two threads until stopped; every status and version is kept."""
+
+    def __init__(self, gateway: Gateway, texts: list[str]) -> None:
+        self.gateway, self.texts = gateway, texts
+        self.statuses: Counter[int] = Counter()
+        self.versions: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(2)]
+
+    def _run(self, offset: int) -> None:
+        with self.gateway.client() as client:
+            i = offset
+            while not self._stop.is_set():
+                try:
+                    response = client.post("/v1/classify", json={"texts": [self.texts[i % len(self.texts)]],
+                                                                 "route": "student"})
+                    self.statuses[response.status_code] += 1
+                    if response.status_code == 200:
+                        self.versions.append(response.json()["results"][0]["student_version"])
+                except httpx.HTTPError as exc:
+                    self.statuses[type(exc).__name__] += 1  # type: ignore[index]
+                i += 2
+
+    def __enter__(self) -> SteadyLoad:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+    def wait_for_version(self, version: str, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.versions[-20:] and set(self.versions[-20:]) == {version}:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"answers never moved to {version}: last {self.versions[-5:]}")
+
+
+def test_teacher_answers_feed_redistillation_and_the_swap_fails_nothing(gateway: Gateway) -> None:
+    registry = Registry(gateway.home)
+    parent = registry.current_version()
+    run_cli("queue", "purge", "--yes", home=gateway.home)
+    # Every text to the teacher, every teacher answer kept: the queue fills with shifted-domain texts.
+    apply_config(gateway, routing={"threshold": 1.0}, queue={"keep": "all", "flush_interval_s": 0.1},
+                 shadow={"share": 0.0}, model={"poll_interval_s": 0.5})
+    amazon = load_amazon_snippets().texts[:160]
+    with gateway.client() as client:
+        for start in range(0, len(amazon), 8):
+            results = client.post("/v1/classify", json={"texts": amazon[start : start + 8]}).json()["results"]
+            assert {r["served_by"] for r in results} == {"teacher"}
+        deadline = time.monotonic() + 30
+        while client.get("/v1/status").json()["queue"]["written"] < len(amazon) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    stats = json.loads(run_cli("queue", "stats", home=gateway.home).stdout)
+    assert stats["backlog"] == len(amazon) and stats["leased"] == 0
+
+    result = run_cli("distill", "--from-queue", "--epochs", "2", home=gateway.home, check=False)
+    outcome = json.loads(result.stdout[result.stdout.index("{"):])
+    assert outcome["gate"]["holdout_records"] > 0
+    if outcome["status"] == "rejected":
+        # A failed gate registers nothing and leaves every record in the queue.
+        assert result.returncode == 2 and registry.current_version() == parent
+        assert json.loads(run_cli("queue", "stats", home=gateway.home).stdout)["backlog"] == len(amazon)
+        pytest.fail(f"the tiny re-distilled student did not pass the gate: {outcome}")
+    assert result.returncode == 0, result.stderr
+    new = outcome["version"]
+    assert outcome["status"] == "promoted" and registry.current_version() == new
+    manifest = registry.load(new).manifest
+    assert manifest.parent_version == parent and len(manifest.queue_records) == len(amazon)
+    assert json.loads(run_cli("queue", "stats", home=gateway.home).stdout)["backlog"] == 0  # acknowledged
+
+    # The running gateway follows the promotion, and a rollback, under steady load.
+    texts = load_amazon_snippets().texts[200:260]
+    with SteadyLoad(gateway, texts) as load:
+        load.wait_for_version(new)
+        run_cli("rollback", home=gateway.home)
+        load.wait_for_version(parent)
+        run_cli("promote", new, home=gateway.home)
+        load.wait_for_version(new)
+    assert set(load.statuses) == {200}, load.statuses
+    assert load.statuses[200] > 50
