@@ -55,7 +55,8 @@ class RedistillConfig(BaseModel):
     min_records: int = Field(20, ge=1, description="Fewer queued records than this: nothing to learn yet.")
     max_records: int = Field(50_000, ge=1)
     holdout_share: float = Field(0.2, gt=0, lt=1, description="Queued records kept out of training for the gate.")
-    max_accuracy_drop: float = Field(0.005, ge=0, description="Largest base-test accuracy loss allowed.")
+    max_accuracy_drop: float = Field(0.005, ge=-1, le=1, description="Largest base-test accuracy loss allowed "
+                                     "(negative: the new student must gain that much).")
     lease_s: float = Field(2 * 3600, gt=0, description="How long the run holds its records.")
     promote: bool = True
 
