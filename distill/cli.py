@@ -344,6 +344,30 @@ def _wait_until_running(timeout_s: float) -> None:
     _fail(f"the application was not running after {timeout_s:.0f} s")
 
 
+@app.command()
+def loadtest(
+    host: Annotated[str, typer.Option(help="Gateway URL.")] = "http://127.0.0.1:8000",
+    users: Annotated[int, typer.Option(help="Concurrent Locust users.")] = 16,
+    run_time: Annotated[int, typer.Option("--run-time", help="Seconds (at most 600).")] = 30,
+    hard_share: Annotated[float, typer.Option(help="Share of texts the live threshold sends to the teacher.")] = 0.1,
+    max_error_rate: Annotated[float, typer.Option(help="Fail above this share of failed requests.")] = 0.01,
+    p99_ms: Annotated[float, typer.Option(help="Fail when the overall p99 is above this.")] = 500.0,
+    out: Annotated[Path, typer.Option(help="Folder for the CSV, HTML and summary.json.")] = Path(
+        "loadtests/reports/locust"),
+) -> None:
+    """Headless, bounded Locust run on real snippets; non-zero exit when an objective is missed."""
+    from distill.data import load_movie_snippets
+    from loadtests.locust_runner import LoadTestSettings, run
+
+    settings = LoadTestSettings(host=host, users=users, spawn_rate=users, run_time_s=run_time, hard_share=hard_share,
+                                max_error_rate=max_error_rate, p99_ms=p99_ms,
+                                api_key=os.environ.get("CASCADE_API_KEY"))
+    summary = run(settings, load_movie_snippets().texts[: settings.texts], out)
+    typer.echo(summary.model_dump_json(indent=2))
+    if not summary.passed:
+        raise typer.Exit(code=1)
+
+
 @app.command("drift-demo")
 def drift_demo(home: Home = None,
                port: Annotated[int, typer.Option(help="Port of the demo's own gateway (127.0.0.1).")] = 8765,
