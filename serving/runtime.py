@@ -14,13 +14,18 @@ from tokenizers import Tokenizer
 
 
 class StudentRuntime:
-    """Fast tokenizer (Rust) + ONNX Runtime session on the quantized student."""
+    """Fast tokenizer (Rust) + ONNX Runtime session on the quantized student.
+
+    Each text runs on its own, unpadded. Dynamic int8 quantization scales activations by the range
+    of the whole input tensor, so in a padded batch one text's answer would depend on the others
+    (labels flipped near the threshold); and on CPU the padding costs more than batching saves
+    (measured: 3.3 ms per text alone against 5.2 ms in padded batches of 32).
+    """
 
     def __init__(self, onnx_path: Path, tokenizer_dir: Path, max_length: int, threads: int = 1) -> None:
         self.tokenizer = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
         self.tokenizer.enable_truncation(max_length)
-        pad_id = self.tokenizer.token_to_id("[PAD]") or 0
-        self.tokenizer.enable_padding(pad_id=pad_id, pad_token="[PAD]")
+        self.tokenizer.no_padding()
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -29,10 +34,11 @@ class StudentRuntime:
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
     def logits(self, texts: list[str]) -> np.ndarray:
-        encodings = self.tokenizer.encode_batch(texts)
-        ids = np.asarray([e.ids for e in encodings], dtype=np.int64)
-        mask = np.asarray([e.attention_mask for e in encodings], dtype=np.int64)
-        return self.session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+        rows = []
+        for encoding in self.tokenizer.encode_batch(texts):
+            ids = np.asarray([encoding.ids], dtype=np.int64)
+            rows.append(self.session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0][0])
+        return np.stack(rows) if rows else np.zeros((0, 0), dtype=np.float32)
 
 
 class TeacherRuntime:
