@@ -82,17 +82,12 @@ class GatewayMetrics:
                                          "would have cost on the teacher alone.")
         self.model_info = Gauge("cascade_model_info", description="Served versions (value 1).",
                                 tag_keys=("student_version", "teacher_version"))
-        self._info_tags: dict[str, str] | None = None
         self._queue_seen = {"written": 0, "dropped": 0, "retried": 0}
 
     def set_models(self, student_version: str, teacher_version: str) -> None:
-        tags = {"student_version": student_version, "teacher_version": teacher_version}
-        if tags == self._info_tags:
-            return
-        if self._info_tags is not None:
-            self.model_info.set(0, tags=self._info_tags)
-        self.model_info.set(1, tags=tags)
-        self._info_tags = tags
+        """Set on every beat: Ray exports a gauge only while it keeps being set, so a swapped-out
+        version's series goes stale on its own."""
+        self.model_info.set(1, tags={"student_version": student_version, "teacher_version": teacher_version})
 
     def answered(self, results: list[dict[str, Any]], latency_s: float, cost: CostSettings,
                  teacher_texts: int) -> None:
