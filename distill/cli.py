@@ -398,6 +398,9 @@ def bench(
     seconds: Annotated[int, typer.Option(min=1, max=120, help="Seconds per load point.")] = 10,
     concurrency: Annotated[list[int] | None, typer.Option(help="Closed-loop connections (repeatable).")] = None,
     output: Annotated[Path | None, typer.Option(help="Also write the results as JSON here.")] = None,
+    report: Annotated[Path | None, typer.Option(help="Write the side-by-side report (Markdown, JSON, PNG plots) "
+                                                "here: cascade, teacher only, student only, plain server.")] = None,
+    p99_ms: Annotated[float, typer.Option(help="p99 objective for the report's highest sustainable rate.")] = 100.0,
 ) -> None:
     """Load the gateway and a plain single-process ONNX Runtime server over HTTP; print p50/p99 and req/s."""
     import subprocess
@@ -417,6 +420,13 @@ def bench(
         started = subprocess.Popen([sys.argv[0], "serve", "--home", str(home)], start_new_session=True)
         wait_ready(url, "/v2/health/ready", 900, started)
     try:
+        if report is not None:
+            from loadtests.report import run_report
+
+            split = stratified_split(load_movie_snippets()).test
+            typer.echo(run_report(url, home, split.texts[:500], split.labels[:500], report, seconds,
+                                  concurrency or [1, 8, 32, 64], p99_ms))
+            return
         results = benchmark(url, home, texts, seconds, concurrency or [1, 32])
     finally:
         if started is not None:

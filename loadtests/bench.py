@@ -29,6 +29,11 @@ request = function()
   i = (i %% #bodies) + 1
   return wrk.format(nil, "/v1/classify", nil, bodies[i])
 end
+done = function(summary, latency, requests)
+  for _, p in ipairs({1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 97.5, 99, 99.9}) do
+    io.write(string.format("PCT %%g %%d\\n", p, latency:percentile(p)))
+  end
+end
 """
 
 
@@ -41,6 +46,7 @@ class LoadResult:
     p50_ms: float
     p99_ms: float
     errors: int
+    percentiles_ms: dict[float, float] | None = None
 
 
 def _ms(value: str) -> float:
@@ -49,7 +55,7 @@ def _ms(value: str) -> float:
 
 
 def run_wrk(url: str, texts: list[str], route: str, concurrency: int, seconds: int,
-            api_key: str | None) -> tuple[float, float, float, int]:
+            api_key: str | None, percentiles: dict[float, float] | None = None) -> tuple[float, float, float, int]:
     """One closed-loop run: ``concurrency`` connections, each sending the next request on an answer."""
     if shutil.which("wrk") is None:
         raise RuntimeError("wrk not found: `apt-get install wrk` (Debian) or `make system-deps`")
@@ -71,6 +77,8 @@ def run_wrk(url: str, texts: list[str], route: str, concurrency: int, seconds: i
     non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     errors = (int(non_2xx.group(1)) if non_2xx else 0) + (sum(map(int, socket_errors.groups())) if socket_errors else 0)
+    if percentiles is not None:
+        percentiles.update({float(p): int(us) / 1000 for p, us in re.findall(r"^PCT (\S+) (\d+)$", out, re.M)})
     return rps, p50, p99, errors
 
 
