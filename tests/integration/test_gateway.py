@@ -162,8 +162,12 @@ def test_bench_load_generator_measures_the_gateway(gateway: Gateway) -> None:
     from loadtests.bench import run_wrk
 
     apply_config(gateway)
-    rps, p50, p99, errors = run_wrk(gateway.url, TEXTS, "student", concurrency=4, seconds=2, api_key=API_KEY)
+    percentiles: dict[float, float] = {}
+    rps, p50, p99, errors = run_wrk(gateway.url, TEXTS, "student", concurrency=4, seconds=2, api_key=API_KEY,
+                                    percentiles=percentiles)
     assert rps > 0 and 0 < p50 <= p99 and errors == 0, (rps, p50, p99, errors)
+    values = [percentiles[p] for p in sorted(percentiles)]
+    assert {50.0, 95.0, 99.0} <= set(percentiles) and values == sorted(values)  # the report's CDF
     _, _, _, refused = run_wrk(gateway.url, TEXTS, "student", concurrency=2, seconds=1, api_key="wrong")
     assert refused > 0  # 401s are counted as errors, so a broken run cannot pass for a fast one
 
