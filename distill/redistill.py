@@ -50,7 +50,9 @@ class RedistillConfig(BaseModel):
     """How a re-distillation run trains and what it must prove."""
 
     epochs: int = Field(2, ge=1)
-    lr: float = Field(5e-5, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    queue_weight: int = Field(3, ge=1, description="Each queued record counts this many times: the shifted "
+                              "traffic is what the new student must learn, and it is far smaller than the base set.")
     batch_size: int = Field(32, ge=1)
     min_records: int = Field(20, ge=1, description="Fewer queued records than this: nothing to learn yet.")
     max_records: int = Field(50_000, ge=1)
@@ -148,13 +150,14 @@ def redistill(home: Path, queue: QueueBackend, cfg: RedistillConfig) -> Redistil
     t_teacher = parent.manifest.temperatures.teacher
     queued_logits = np.array([np.log(np.clip(item.record.teacher_probs, 1e-6, 1.0)) * t_teacher for item in learn],
                              dtype=np.float32).reshape(len(learn), len(parent.manifest.labels))
+    repeat = cfg.queue_weight
     combined = Dataset(
         name=f"{splits.train.name}+queue",
-        texts=splits.train.texts + [item.record.text for item in learn],
-        labels=np.concatenate([splits.train.labels, queued_logits.argmax(-1)]).astype(np.int64),
+        texts=splits.train.texts + [item.record.text for item in learn] * repeat,
+        labels=np.concatenate([splits.train.labels, np.tile(queued_logits.argmax(-1), repeat)]).astype(np.int64),
         label_names=splits.train.label_names,
     )
-    soft = np.concatenate([base_logits["train"], queued_logits]).astype(np.float32)
+    soft = np.concatenate([base_logits["train"], np.tile(queued_logits, (repeat, 1))]).astype(np.float32)
     tqdm.write(f"re-distilling {parent.version}: {len(splits.train)} base + {len(learn)} queued texts "
                f"({len(holdout)} held out for the gate)")
 

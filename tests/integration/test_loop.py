@@ -65,20 +65,27 @@ class SteadyLoad:
 def test_teacher_answers_feed_redistillation_and_the_swap_fails_nothing(gateway: Gateway) -> None:
     registry = Registry(gateway.home)
     parent = registry.current_version()
-    run_cli("queue", "purge", "--yes", home=gateway.home)
-    # Every text to the teacher, every teacher answer kept: the queue fills with shifted-domain texts.
-    apply_config(gateway, routing={"threshold": 1.0}, queue={"keep": "all", "flush_interval_s": 0.1},
+    # Every text to the teacher; the queue keeps what it does by default: the disagreements.
+    apply_config(gateway, routing={"threshold": 1.0}, queue={"keep": "disagreements", "flush_interval_s": 0.1},
                  shadow={"share": 0.0}, model={"poll_interval_s": 0.5})
-    amazon = load_amazon_snippets().texts[:160]
     with gateway.client() as client:
-        for start in range(0, len(amazon), 8):
-            results = client.post("/v1/classify", json={"texts": amazon[start : start + 8]}).json()["results"]
+        time.sleep(1)
+        run_cli("queue", "purge", "--yes", home=gateway.home)
+        written_before = client.get("/v1/status").json()["queue"]["written"]
+        amazon = load_amazon_snippets().texts[:400]
+        for start in range(0, len(amazon), 16):
+            results = client.post("/v1/classify", json={"texts": amazon[start : start + 16]}).json()["results"]
             assert {r["served_by"] for r in results} == {"teacher"}
         deadline = time.monotonic() + 30
-        while client.get("/v1/status").json()["queue"]["written"] < len(amazon) and time.monotonic() < deadline:
+        while client.get("/v1/status").json()["queue"]["backlog"] > 0 and time.monotonic() < deadline:
             time.sleep(0.2)
+        time.sleep(0.5)
+        recorded = client.get("/v1/status").json()["queue"]["written"] - written_before
     stats = json.loads(run_cli("queue", "stats", home=gateway.home).stdout)
-    assert stats["backlog"] == len(amazon) and stats["leased"] == 0
+    assert stats["backlog"] == recorded and stats["leased"] == 0
+    assert 20 <= recorded < len(amazon)  # only the disagreements
+    records = [json.loads(line) for line in run_cli("queue", "export", home=gateway.home).stdout.splitlines()]
+    assert all(r["disagree"] and r["reason"] == "fallback" and r["text"] in amazon for r in records)
 
     result = run_cli("distill", "--from-queue", "--epochs", "2", home=gateway.home, check=False)
     outcome = json.loads(result.stdout[result.stdout.index("{"):])
@@ -86,13 +93,13 @@ def test_teacher_answers_feed_redistillation_and_the_swap_fails_nothing(gateway:
     if outcome["status"] == "rejected":
         # A failed gate registers nothing and leaves every record in the queue.
         assert result.returncode == 2 and registry.current_version() == parent
-        assert json.loads(run_cli("queue", "stats", home=gateway.home).stdout)["backlog"] == len(amazon)
+        assert json.loads(run_cli("queue", "stats", home=gateway.home).stdout)["backlog"] == recorded
         pytest.fail(f"the tiny re-distilled student did not pass the gate: {outcome}")
     assert result.returncode == 0, result.stderr
     new = outcome["version"]
     assert outcome["status"] == "promoted" and registry.current_version() == new
     manifest = registry.load(new).manifest
-    assert manifest.parent_version == parent and len(manifest.queue_records) == len(amazon)
+    assert manifest.parent_version == parent and len(manifest.queue_records) == recorded
     assert json.loads(run_cli("queue", "stats", home=gateway.home).stdout)["backlog"] == 0  # acknowledged
 
     # The running gateway follows the promotion, and a rollback, under steady load.
