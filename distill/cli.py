@@ -230,6 +230,7 @@ def distill(
     every: Annotated[str | None, typer.Option(help="Run again after this long (e.g. 6h); stop with Ctrl-C.")] = None,
     epochs: Annotated[int, typer.Option(help="Epochs over base + queued texts.")] = 2,
     promote: Annotated[bool, typer.Option(help="Promote a new student that passes the gate.")] = True,
+    max_accuracy_drop: Annotated[float, typer.Option(help="Largest base-test accuracy loss the gate allows.")] = 0.005,
 ) -> None:
     """Re-distill the student from the queue, gate it against the current one, register and promote it."""
     import time
@@ -242,7 +243,7 @@ def distill(
 
     home = _home(home)
     period = _duration_s(every) if every else None
-    cfg = RedistillConfig(epochs=epochs, promote=promote)
+    cfg = RedistillConfig(epochs=epochs, promote=promote, max_accuracy_drop=max_accuracy_drop)
     while True:
         result = redistill(home, _open_queue(queue, home), cfg)
         typer.echo(result.model_dump_json(indent=2))

@@ -87,7 +87,9 @@ def test_teacher_answers_feed_redistillation_and_the_swap_fails_nothing(gateway:
     records = [json.loads(line) for line in run_cli("queue", "export", home=gateway.home).stdout.splitlines()]
     assert all(r["disagree"] and r["reason"] == "fallback" and r["text"] in amazon for r in records)
 
-    result = run_cli("distill", "--from-queue", "--epochs", "2", home=gateway.home, check=False)
+    # The tiny bundle's test split has 160 texts (one is 0.6 point): the gate allows three.
+    result = run_cli("distill", "--from-queue", "--epochs", "2", "--max-accuracy-drop", "0.02", home=gateway.home,
+                     check=False)
     outcome = json.loads(result.stdout[result.stdout.index("{"):])
     assert outcome["gate"]["holdout_records"] > 0
     if outcome["status"] == "rejected":
