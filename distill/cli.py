@@ -426,7 +426,7 @@ def bench(
 
             split = stratified_split(load_movie_snippets()).test
             typer.echo(run_report(url, home, split.texts[:500], split.labels[:500], report, seconds,
-                                  concurrency or [1, 8, 32, 64], p99_ms))
+                                  concurrency or [1, 2, 4, 8, 16, 32, 64], p99_ms))
             return
         results = benchmark(url, home, texts, seconds, concurrency or [1, 32])
     finally:
