@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -14,6 +15,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "cascade"
 HELM = ROOT / ".tools" / "helm"
+KUBERNETES_VALIDATE = str(Path(sys.executable).with_name("kubernetes-validate"))  # the venv's, PATH or not
 SHARED = ROOT.parent / "shared"
 EXAMPLES = sorted((CHART / "examples").glob("*.yaml"))
 CRDS = {
@@ -64,7 +66,7 @@ def test_chart_lints_renders_and_validates(values: Path | None, tmp_path: Path) 
     core = [doc for doc in documents if doc["kind"] not in CRDS]
     manifest = tmp_path / "core.yaml"
     manifest.write_text(yaml.safe_dump_all(core))
-    checked = subprocess.run(["kubernetes-validate", "--strict", "--quiet", str(manifest)], capture_output=True,
+    checked = subprocess.run([KUBERNETES_VALIDATE, "--strict", "--quiet", str(manifest)], capture_output=True,
                              text=True, timeout=300)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     for doc in documents:
