@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -41,6 +40,7 @@ from distill.registry import (
     TOKENIZER_DIR,
     Bundle,
     Registry,
+    link_tree,
 )
 from routing.queue import Leased, QueueBackend
 from serving.runtime import StudentRuntime
@@ -115,23 +115,8 @@ def _starting_student(bundle: Bundle, build_cfg: BuildConfig):
     return train.student_from_teacher(teacher, build_cfg.student_layers)
 
 
-def _link_tree(source: Path, target: Path) -> None:
-    """Hard links where the file system allows (the teacher is shared, never rewritten), else copies."""
-
-    def link(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    shutil.copytree(source, target, copy_function=link)
-
-
-def _student_logits(path: Path, bundle: Bundle, texts: list[str], threads: int) -> np.ndarray:
-    runtime = StudentRuntime(path, bundle.tokenizer_dir, bundle.manifest.max_length, threads)
-    if not texts:
-        return np.zeros((0, len(bundle.manifest.labels)), dtype=np.float32)
-    return np.concatenate([runtime.logits(texts[i : i + 64]) for i in range(0, len(texts), 64)])
+def _logits(runtime: StudentRuntime, texts: list[str], labels: int) -> np.ndarray:
+    return runtime.logits(texts) if texts else np.zeros((0, labels), dtype=np.float32)
 
 
 def redistill(home: Path, queue: QueueBackend, cfg: RedistillConfig) -> RedistillResult:
@@ -179,18 +164,21 @@ def redistill(home: Path, queue: QueueBackend, cfg: RedistillConfig) -> Redistil
     registry.root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=registry.root))
     try:
-        _link_tree(parent.teacher_dir, staging / TEACHER_DIR)
+        link_tree(parent.teacher_dir, staging / TEACHER_DIR)
         shutil.copytree(parent.tokenizer_dir, staging / TOKENIZER_DIR)
         student.save_pretrained(str(staging / STUDENT_FP32_DIR), safe_serialization=True)
         quantization = build_student_onnx(student, tokenizer, splits.val.texts[:256], build_cfg.max_length,
                                           staging / STUDENT_FILE)
-        threads = build_cfg.threads
+        n_labels, max_length = len(parent.manifest.labels), build_cfg.max_length
+        current = StudentRuntime(parent.student_path, parent.tokenizer_dir, max_length, build_cfg.threads)
+        candidate = StudentRuntime(staging / STUDENT_FILE, parent.tokenizer_dir, max_length, build_cfg.threads)
         holdout_texts = [item.record.text for item in holdout]
         holdout_teacher = np.array([np.argmax(item.record.teacher_probs) for item in holdout])
-        old_test = _student_logits(parent.student_path, parent, splits.test.texts, threads).argmax(-1)
-        new_test = _student_logits(staging / STUDENT_FILE, parent, splits.test.texts, threads).argmax(-1)
-        old_hold = _student_logits(parent.student_path, parent, holdout_texts, threads).argmax(-1)
-        new_hold = _student_logits(staging / STUDENT_FILE, parent, holdout_texts, threads).argmax(-1)
+        test_student = _logits(candidate, splits.test.texts, n_labels)
+        old_test = _logits(current, splits.test.texts, n_labels).argmax(-1)
+        new_test = test_student.argmax(-1)
+        old_hold = _logits(current, holdout_texts, n_labels).argmax(-1)
+        new_hold = _logits(candidate, holdout_texts, n_labels).argmax(-1)
         gate = {
             "base_test_texts": len(splits.test),
             "current_test_accuracy": float((old_test == splits.test.labels).mean()),
@@ -215,8 +203,7 @@ def redistill(home: Path, queue: QueueBackend, cfg: RedistillConfig) -> Redistil
             return RedistillResult(status="rejected", parent_version=parent.version, gate=gate,
                                    records_used=len(leased), message="gate failed: " + "; ".join(why))
 
-        val_student = _student_logits(staging / STUDENT_FILE, parent, splits.val.texts, threads)
-        test_student = _student_logits(staging / STUDENT_FILE, parent, splits.test.texts, threads)
+        val_student = _logits(candidate, splits.val.texts, n_labels)
         fields = calibrate_bundle_dir(staging, build_cfg, val_student, base_logits["val"], splits.val.labels,
                                       test_student, base_logits["test"], splits.test.labels)
         calibration = fields.pop("calibration")

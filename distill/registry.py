@@ -228,6 +228,18 @@ class Registry:
         shutil.rmtree(self.root / version)
 
 
+def link_tree(source: Path, target: Path) -> None:
+    """Copy a folder as hard links where the file system allows (bundle files are never rewritten)."""
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, target, copy_function=link)
+
+
 def verify_files(root: Path, expected: dict[str, str]) -> None:
     """Raise on the first missing or altered file, naming it and both hashes."""
     for relative, digest in expected.items():

@@ -32,6 +32,7 @@ import numpy as np
 import yaml
 
 from distill.data import load_amazon_snippets
+from loadtests.bench import wait_ready
 
 HOLDOUT_SHARE = 0.3
 SPLIT_SEED = 7
@@ -43,7 +44,7 @@ def _cascade() -> str:
 
 def _private_home(home: Path) -> Path:
     """A new model home holding the current bundle (hard links: no copy of the weights)."""
-    from distill.registry import Registry
+    from distill.registry import Registry, link_tree
 
     source = Registry(home)
     version = source.current_version()
@@ -52,18 +53,11 @@ def _private_home(home: Path) -> Path:
     target = Path(tempfile.mkdtemp(prefix="cascade-drift-"))
     registry = target / "registry"
     registry.mkdir()
-
-    def link(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    shutil.copytree(source.root / version, registry / version, copy_function=link)
+    link_tree(source.root / version, registry / version)
     (registry / "current").write_text(version + "\n")
-    for cache in (home / "work" / "teacher_logits",):
-        if cache.is_dir():
-            shutil.copytree(cache, target / "work" / "teacher_logits", copy_function=link)
+    logits_cache = home / "work" / "teacher_logits"  # re-distillation's teacher logits, if computed before
+    if logits_cache.is_dir():
+        link_tree(logits_cache, target / "work" / "teacher_logits")
     return target
 
 
@@ -109,20 +103,6 @@ def _serve_config(port: int) -> dict:
     return config
 
 
-def _wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 900) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"cascade serve exited with {process.returncode}")
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    raise SystemExit("the demo gateway did not become ready")
-
-
 def run(home: Path, port: int = 8765, epochs: int = 2) -> int:
     """The whole demonstration; returns 0 when every target is met."""
     amazon = load_amazon_snippets()
@@ -144,7 +124,7 @@ def run(home: Path, port: int = 8765, epochs: int = 2) -> int:
                               start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url, server)
+        wait_ready(url, "/v2/health/ready", 900, server)
         with httpx.Client(base_url=url, timeout=120) as client:
             before = _measure(client, held_texts, held_labels)
             print(f"before: {before}", flush=True)
