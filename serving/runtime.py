@@ -18,8 +18,8 @@ class StudentRuntime:
 
     Each text runs on its own, unpadded. Dynamic int8 quantization scales activations by the range
     of the whole input tensor, so in a padded batch one text's answer would depend on the others
-    (labels flipped near the threshold); and on CPU the padding costs more than batching saves
-    (measured: 3.3 ms per text alone against 5.2 ms in padded batches of 32).
+    (labels flipped near the threshold). Short texts padded to the longest in a batch also spend
+    compute on padding, which batching on this CPU did not win back in an ad hoc timing.
     """
 
     def __init__(self, onnx_path: Path, tokenizer_dir: Path, max_length: int, threads: int = 1) -> None:
