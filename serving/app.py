@@ -27,7 +27,7 @@ APP_NAME = "cascade"
 # One source for each deployment's options: used for the deployments below and written into the
 # Serve config (deploy/serve.yaml) by ``default_serve_config``.
 DEPLOYMENT_OPTIONS: dict[str, dict[str, Any]] = {
-    "Gateway": {"num_replicas": 1, "max_ongoing_requests": 256, "max_queued_requests": 512,
+    "Gateway": {"num_replicas": 2, "max_ongoing_requests": 256, "max_queued_requests": 512,
                 "ray_actor_options": {"num_cpus": 0.5}, "health_check_period_s": 5},
     "Teacher": {"num_replicas": 1, "max_ongoing_requests": 32, "max_queued_requests": 64,
                 "ray_actor_options": {"num_cpus": 0.5}, "health_check_period_s": 5},

@@ -170,6 +170,7 @@ class Gateway:
         self.auth = AuthSettings.from_env()
         self.bundle: Bundle | None = None
         self.student: StudentRuntime | None = None
+        self._student_threads: int | None = None
         self.policy: DeferralPolicy | None = None
         self.gate = TeacherGate(0, 0.0)
         self.shadow = ShadowSampler(0.0)
@@ -214,9 +215,11 @@ class Gateway:
         """Swap student, bundle and policy together; requests in flight finish on the objects they hold."""
         with self._swap_lock:
             student = self.student
-            if self.bundle is None or bundle.version != self.bundle.version:
+            threads = config.student.threads
+            if self.bundle is None or bundle.version != self.bundle.version or threads != self._student_threads:
                 student = StudentRuntime(bundle.student_path, bundle.tokenizer_dir, bundle.manifest.max_length,
-                                         config.student.threads)
+                                         threads)
+                self._student_threads = threads
                 logger.info("gateway serving student %s", bundle.version)
             manifest = bundle.manifest
             policy = DeferralPolicy(
@@ -269,6 +272,24 @@ class Gateway:
         self.metrics.student.call(len(texts), time.perf_counter() - started)
         return list(logits)
 
+    async def _student_answer(self, texts: list[str]) -> np.ndarray:
+        """Student logits. A lone one-text request runs inline: with nothing else in flight there is
+        nothing to batch with and no one for the event loop to serve meanwhile, and the batch queue and
+        worker-thread hop cost about 1.5 ms here (docs/performance.md). Under load, texts are batched
+        on the worker thread so the event loop keeps accepting."""
+        student = self.student
+        assert student is not None
+        if len(texts) == 1 and self.in_flight <= 1:
+            # One turn of the loop first: requests that arrived together start and count themselves
+            # in, so a burst goes to the batch queue instead of running one by one on the loop.
+            await asyncio.sleep(0)
+        if len(texts) == 1 and self.in_flight <= 1:
+            started = time.perf_counter()
+            logits = student.logits(texts)
+            self.metrics.student.call(1, time.perf_counter() - started)
+            return logits
+        return np.stack(await asyncio.gather(*(self._student_logits(t) for t in texts)))
+
     async def _ask_teacher(self, texts: list[str], enforce_budget: bool) -> tuple[np.ndarray | None, str | None,
                                                                                    DegradedReason | None]:
         refusal = self.gate.try_acquire(len(texts), enforce_budget)
@@ -288,7 +309,7 @@ class Gateway:
     async def classify_texts(self, texts: list[str], route: Route) -> list[dict[str, Any]]:
         bundle, policy = self.bundle, self.policy
         assert bundle is not None and policy is not None
-        logits = np.stack(await asyncio.gather(*(self._student_logits(t) for t in texts)))
+        logits = await self._student_answer(texts)
         decisions = policy.decide(logits, route)
         for decision in decisions:
             self.metrics.confidence.observe(decision.confidence)
@@ -414,7 +435,7 @@ class Gateway:
             results = await self.classify_texts(parsed.texts, parsed.route)
             self._answered(results, started)
             request_id = request.state.request_id
-            logger.info("request %s: %d texts, route %s", request_id, len(parsed.texts), parsed.route.value)
+            logger.debug("request %s: %d texts, route %s", request_id, len(parsed.texts), parsed.route.value)
             return JSONResponse({"id": request_id, "results": results})
         finally:
             self.in_flight -= 1
@@ -424,6 +445,7 @@ class Gateway:
         """What this replica serves now: bundle, live threshold, settings, teacher share."""
         assert self.bundle is not None and self.policy is not None
         return {
+            "replica": serve.get_replica_context().replica_id.unique_id,
             "student_version": self.bundle.version,
             "threshold": self.policy.threshold,
             "confidence_measure": self.policy.measure.value,

@@ -94,15 +94,40 @@ def apply_config(gateway: Gateway, **user_config: dict) -> None:
         capture_output=True, text=True, env=env, timeout=120)
     assert deployed.returncode == 0, f"serve deploy failed:\n{deployed.stdout}\n{deployed.stderr}"
     wanted = deployments["Gateway"]["user_config"]
+    replicas = deployments["Gateway"]["num_replicas"]
+    applied: dict[str, bool] = {}  # the latest answer of each replica: does it run the new config?
     deadline = time.monotonic() + 120
     with gateway.client() as client:
         while time.monotonic() < deadline:
             status = client.get("/v1/status")
-            live = status.json()["config"] if status.status_code == 200 else {}
-            if live and all(live[section] == wanted[section] for section in wanted if section != "model"):
-                return
-            time.sleep(1)
-    raise AssertionError("configuration was not applied within 120 s")
+            if status.status_code == 200:
+                live = status.json()
+                applied[live["replica"]] = all(live["config"][section] == wanted[section]
+                                               for section in wanted if section != "model")
+                if len(applied) >= replicas and all(applied.values()):
+                    return
+            time.sleep(0.2)
+    raise AssertionError(f"configuration was not applied on {replicas} replicas within 120 s: {applied}")
+
+
+def replica_statuses(client: httpx.Client, replicas: int | None = None) -> dict[str, dict]:
+    """``/v1/status`` of every Gateway replica (each keeps its own counters), asked until all answered."""
+    from serving.app import DEPLOYMENT_OPTIONS
+
+    replicas = replicas or DEPLOYMENT_OPTIONS["Gateway"]["num_replicas"]
+    seen: dict[str, dict] = {}
+    deadline = time.monotonic() + 30
+    while len(seen) < replicas:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"only {len(seen)} of {replicas} replicas answered /v1/status")
+        status = client.get("/v1/status").raise_for_status().json()
+        seen[status["replica"]] = status
+    return seen
+
+
+def queue_total(client: httpx.Client, field: str) -> int:
+    """A queue counter summed over the Gateway replicas."""
+    return sum(status["queue"][field] for status in replica_statuses(client).values())
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -14,7 +14,7 @@ import pytest
 from distill.data import load_amazon_snippets
 from distill.registry import Registry
 from tests.conftest import run_cli
-from tests.integration.conftest import Gateway, apply_config
+from tests.integration.conftest import Gateway, apply_config, queue_total
 
 pytestmark = [pytest.mark.integration, pytest.mark.destructive(order=1)]
 
@@ -71,16 +71,16 @@ def test_teacher_answers_feed_redistillation_and_the_swap_fails_nothing(gateway:
     with gateway.client() as client:
         time.sleep(1)
         run_cli("queue", "purge", "--yes", home=gateway.home)
-        written_before = client.get("/v1/status").json()["queue"]["written"]
+        written_before = queue_total(client, "written")
         amazon = load_amazon_snippets().texts[:400]
         for start in range(0, len(amazon), 16):
             results = client.post("/v1/classify", json={"texts": amazon[start : start + 16]}).json()["results"]
             assert {r["served_by"] for r in results} == {"teacher"}
         deadline = time.monotonic() + 30
-        while client.get("/v1/status").json()["queue"]["backlog"] > 0 and time.monotonic() < deadline:
+        while queue_total(client, "backlog") > 0 and time.monotonic() < deadline:
             time.sleep(0.2)
         time.sleep(0.5)
-        recorded = client.get("/v1/status").json()["queue"]["written"] - written_before
+        recorded = queue_total(client, "written") - written_before
     stats = json.loads(run_cli("queue", "stats", home=gateway.home).stdout)
     assert stats["backlog"] == recorded and stats["leased"] == 0
     assert 20 <= recorded < len(amazon)  # only the disagreements
