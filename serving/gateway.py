@@ -160,6 +160,22 @@ def _flatten(data: list[Any]) -> list[Any]:
     return flat
 
 
+def _result(bundle: Bundle, probs: np.ndarray, confidence: float, served_by: str, reason: str | None,
+            teacher_version: str | None, degraded: bool = False) -> dict[str, Any]:
+    """One answer of the v1 API."""
+    labels = bundle.manifest.labels
+    return {
+        "label": labels[int(np.argmax(probs))],
+        "probabilities": {label: float(p) for label, p in zip(labels, probs, strict=True)},
+        "confidence": confidence,
+        "served_by": served_by,
+        "degraded": degraded,
+        "reason": reason,
+        "student_version": bundle.version,
+        "teacher_version": teacher_version,
+    }
+
+
 @serve.ingress(api)
 class Gateway:
     """Ingress replica: HTTP API, student inference, deferral, teacher protection."""
@@ -309,6 +325,15 @@ class Gateway:
     async def classify_texts(self, texts: list[str], route: Route) -> list[dict[str, Any]]:
         bundle, policy = self.bundle, self.policy
         assert bundle is not None and policy is not None
+        teacher_version, reason = bundle.teacher_version, None
+        if route is Route.TEACHER:
+            # Forced teacher: the student is not run unless the teacher fails (then it answers, degraded),
+            # so "teacher only" costs what the teacher alone costs.
+            teacher_logits, version, reason = await self._ask_teacher(texts, enforce_budget=False)
+            if teacher_logits is not None:
+                probs = softmax(teacher_logits, bundle.manifest.temperatures.teacher)
+                return [_result(bundle, row, float(np.max(row)), "teacher", None, version or teacher_version)
+                        for row in probs]
         logits = await self._student_answer(texts)
         decisions = policy.decide(logits, route)
         for decision in decisions:
@@ -317,41 +342,28 @@ class Gateway:
             self.gate.observe(len(texts))
         deferred = [i for i, d in enumerate(decisions) if d.to_teacher]
         teacher_probs: np.ndarray | None = None
-        teacher_version, reason = bundle.teacher_version, None
-        if deferred:
-            teacher_logits, version, reason = await self._ask_teacher(
-                [texts[i] for i in deferred], enforce_budget=route is Route.AUTO)
+        if deferred and route is Route.AUTO:
+            teacher_logits, version, reason = await self._ask_teacher([texts[i] for i in deferred], enforce_budget=True)
             if teacher_logits is not None:
                 teacher_probs = softmax(teacher_logits, bundle.manifest.temperatures.teacher)
                 teacher_version = version or teacher_version
-                if route is Route.AUTO:
-                    self._record([texts[i] for i in deferred], np.stack([decisions[i].probabilities for i in deferred]),
-                                 teacher_probs, bundle, teacher_version, "fallback")
+                self._record([texts[i] for i in deferred], np.stack([decisions[i].probabilities for i in deferred]),
+                             teacher_probs, bundle, teacher_version, "fallback")
         if route is Route.AUTO:
             shadowed = self.shadow.pick([i for i, d in enumerate(decisions) if not d.to_teacher])
             if shadowed:
                 self._spawn(self._shadow([texts[i] for i in shadowed],
                                          np.stack([decisions[i].probabilities for i in shadowed]), bundle))
-        labels = bundle.manifest.labels
         results = []
         teacher_row = {index: row for row, index in enumerate(deferred)}
         for i, decision in enumerate(decisions):
-            probs, served_by, degraded, why = decision.probabilities, "student", False, None
-            if i in teacher_row:
-                if teacher_probs is not None:
-                    probs, served_by = teacher_probs[teacher_row[i]], "teacher"
-                else:
-                    degraded, why = True, reason.value if reason else None
-            results.append({
-                "label": labels[int(np.argmax(probs))],
-                "probabilities": {label: float(p) for label, p in zip(labels, probs, strict=True)},
-                "confidence": decision.confidence if served_by == "student" else float(np.max(probs)),
-                "served_by": served_by,
-                "degraded": degraded,
-                "reason": why,
-                "student_version": bundle.version,
-                "teacher_version": teacher_version,
-            })
+            if i in teacher_row and teacher_probs is not None:
+                probs = teacher_probs[teacher_row[i]]
+                results.append(_result(bundle, probs, float(np.max(probs)), "teacher", None, teacher_version))
+            else:
+                why = (reason.value if reason else None) if i in teacher_row else None
+                results.append(_result(bundle, decision.probabilities, decision.confidence, "student",
+                                       why, teacher_version, degraded=i in teacher_row))
         return results
 
     # -- the loop back to distillation -----------------------------------------------------------
