@@ -231,6 +231,8 @@ def distill(
     epochs: Annotated[int, typer.Option(help="Epochs over base + queued texts.")] = 2,
     promote: Annotated[bool, typer.Option(help="Promote a new student that passes the gate.")] = True,
     max_accuracy_drop: Annotated[float, typer.Option(help="Largest base-test accuracy loss the gate allows.")] = 0.005,
+    queue_sharpen: Annotated[float, typer.Option(min=1.0, help="Scale queued teacher logits by this (sharper "
+                                                 "targets on the queued domain).")] = 1.0,
 ) -> None:
     """Re-distill the student from the queue, gate it against the current one, register and promote it."""
     import time
@@ -243,7 +245,8 @@ def distill(
 
     home = _home(home)
     period = _duration_s(every) if every else None
-    cfg = RedistillConfig(epochs=epochs, promote=promote, max_accuracy_drop=max_accuracy_drop)
+    cfg = RedistillConfig(epochs=epochs, promote=promote, max_accuracy_drop=max_accuracy_drop,
+                          queue_sharpen=queue_sharpen)
     while True:
         result = redistill(home, _open_queue(queue, home), cfg)
         typer.echo(result.model_dump_json(indent=2))
@@ -372,14 +375,16 @@ def loadtest(
 @app.command("drift-demo")
 def drift_demo(home: Home = None,
                port: Annotated[int, typer.Option(help="Port of the demo's own gateway (127.0.0.1).")] = 8765,
-               epochs: Annotated[int, typer.Option(help="Re-distillation epochs.")] = 2) -> None:
+               epochs: Annotated[int, typer.Option(help="Re-distillation epochs.")] = 2,
+               queue_sharpen: Annotated[float, typer.Option(min=1.0, help="Passed to `cascade distill`.")] = 1.0,
+               ) -> None:
     """Show the loop on the shifted domain: stream Amazon texts, re-distill from the queue, measure again.
 
     Starts its own gateway on a private copy of the current bundle; stop any running gateway first.
     """
     from loadtests.drift_demo import run
 
-    raise typer.Exit(code=run(_home(home), port=port, epochs=epochs))
+    raise typer.Exit(code=run(_home(home), port=port, epochs=epochs, queue_sharpen=queue_sharpen))
 
 
 @app.command("serve-config")

@@ -103,7 +103,7 @@ def _serve_config(port: int) -> dict:
     return config
 
 
-def run(home: Path, port: int = 8765, epochs: int = 2) -> int:
+def run(home: Path, port: int = 8765, epochs: int = 2, queue_sharpen: float = 1.0) -> int:
     """The whole demonstration; returns 0 when every target is met."""
     amazon = load_amazon_snippets()
     order = np.random.default_rng(SPLIT_SEED).permutation(len(amazon))
@@ -134,15 +134,17 @@ def run(home: Path, port: int = 8765, epochs: int = 2) -> int:
             for start in range(0, len(stream), 16):
                 batch = [amazon.texts[i] for i in stream[start : start + 16]]
                 client.post("/v1/classify", json={"texts": batch}).raise_for_status()
+            # Every Gateway replica writes to the one queue: ask the queue, not one replica's counters.
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
-                status = client.get("/v1/status").json()
-                if status["queue"]["written"] >= len(stream) * 0.95 and status["shadow"]["texts"] > 0:
+                queued = json.loads(subprocess.run([_cascade(), "queue", "stats"], env=env, stdout=subprocess.PIPE,
+                                                   text=True, check=True).stdout)
+                if queued["backlog"] >= len(stream) * 0.95:
                     break
                 time.sleep(1)
-            print(f"streamed {len(stream)} texts in {time.monotonic() - started:.0f} s; queue {status['queue']}",
-                  flush=True)
-            distill = subprocess.run([_cascade(), "distill", "--from-queue", "--epochs", str(epochs)], env=env,
+            print(f"streamed {len(stream)} texts in {time.monotonic() - started:.0f} s; queue {queued}", flush=True)
+            distill = subprocess.run([_cascade(), "distill", "--from-queue", "--epochs", str(epochs),
+                                      "--queue-sharpen", str(queue_sharpen)], env=env,
                                      stdout=subprocess.PIPE, text=True)
             outcome = json.loads(distill.stdout[distill.stdout.index("{"):])
             print(f"cascade distill --from-queue: {outcome['status']}: {outcome['message']}", flush=True)
