@@ -151,12 +151,12 @@ def run(home: Path, port: int = 8765, epochs: int = 2, queue_sharpen: float = 1.
             if outcome["status"] != "promoted":
                 print(json.dumps(outcome["gate"], indent=2))
                 return 1
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
+            # Every replica swaps on its own beat: wait until a run of answers all come from the new student.
+            deadline, in_a_row = time.monotonic() + 120, 0
+            while time.monotonic() < deadline and in_a_row < 20:
                 probe = client.post("/v1/classify", json={"texts": held_texts[:1], "route": "student"}).json()
-                if probe["results"][0]["student_version"] == outcome["version"]:
-                    break
-                time.sleep(1)
+                in_a_row = in_a_row + 1 if probe["results"][0]["student_version"] == outcome["version"] else 0
+                time.sleep(0.1)
             after = _measure(client, held_texts, held_labels)
             print(f"after: {after}", flush=True)
     finally:
