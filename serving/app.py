@@ -2,7 +2,8 @@
 
 Deployment options are chosen for a 2-core machine and can be overridden in the Serve config:
 
-- Gateway: 1 replica, ``num_cpus`` 0.5 (fractional, so both deployments fit on 2 cores),
+- Gateway: 2 replicas (one replica is one event loop and one ONNX Runtime thread: it leaves the
+  second core idle), ``num_cpus`` 0.5 each (fractional, so both deployments fit on 2 cores),
   ``max_ongoing_requests`` 256 so Ray never becomes the bottleneck before our own admission limit
   (``limits.max_in_flight``), and ``max_queued_requests`` 512 so an overloaded cluster answers 503
   at once instead of queueing without bound.
