@@ -20,7 +20,7 @@ from ray import serve
 from ray.serve import Application
 
 from serving.gateway import Gateway
-from serving.settings import GatewayConfig
+from serving.settings import GatewayConfig, TeacherBatchSettings
 from serving.teacher import Teacher
 
 APP_NAME = "cascade"
@@ -60,7 +60,7 @@ def default_serve_config(port: int = 8000) -> dict[str, Any]:
             "deployments": [
                 {"name": "Gateway", **copy.deepcopy(DEPLOYMENT_OPTIONS["Gateway"]), "user_config": gateway},
                 {"name": "Teacher", **copy.deepcopy(DEPLOYMENT_OPTIONS["Teacher"]),
-                 "user_config": {"model": dict(gateway["model"])}},
+                 "user_config": {"model": dict(gateway["model"]), "batch": TeacherBatchSettings().model_dump()}},
             ],
         }],
     }
@@ -69,5 +69,6 @@ def default_serve_config(port: int = 8000) -> dict[str, Any]:
 def build_app(args: dict[str, Any] | None = None) -> Application:
     parsed = AppArgs.model_validate(args or {})
     model = parsed.config.model.model_dump()
-    teacher = TeacherDeployment.options(user_config={"model": model}).bind(model, parsed.teacher_threads)
+    teacher = TeacherDeployment.options(user_config={"model": model, "batch": TeacherBatchSettings().model_dump()}
+                                        ).bind(model, parsed.teacher_threads)
     return GatewayDeployment.options(user_config=parsed.config.model_dump(mode="json")).bind(teacher)

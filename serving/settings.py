@@ -51,6 +51,21 @@ class TeacherSettings(BaseModel):
     budget_window_s: float = Field(10.0, gt=0.0)
 
 
+class TeacherBatchSettings(BaseModel):
+    """Dynamic batching in the teacher deployment (serve.batch), applied live."""
+
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0.0, description="How long a teacher batch waits to fill: its "
+                                        "per-text cost is ~6x the student's, so a short wait pays under load.")
+
+
+class TeacherDeploymentConfig(BaseModel):
+    """The teacher deployment's ``user_config``: which bundle's teacher, and how it batches."""
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    batch: TeacherBatchSettings = Field(default_factory=TeacherBatchSettings)
+
+
 class ShadowSettings(BaseModel):
     """Shadow sampling: a share of student-served texts also goes to the teacher, after the answer."""
 

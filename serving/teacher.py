@@ -14,7 +14,7 @@ from ray import serve
 from distill.registry import Registry
 from serving.metrics import ModelCallMetrics
 from serving.runtime import TeacherRuntime
-from serving.settings import ModelSettings
+from serving.settings import ModelSettings, TeacherDeploymentConfig
 
 logger = logging.getLogger("ray.serve")
 
@@ -52,8 +52,11 @@ class Teacher:
                     logger.error("teacher not reloaded: %s", exc)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """``{"model": {...}}``: follow a promotion without restarting the replica."""
-        self.settings = ModelSettings.model_validate(user_config.get("model", {}))
+        """``TeacherDeploymentConfig``: follow a promotion, change batching; no restart."""
+        config = TeacherDeploymentConfig.model_validate(user_config)
+        self._logits.set_max_batch_size(config.batch.max_batch_size)
+        self._logits.set_batch_wait_timeout_s(config.batch.batch_wait_timeout_s)
+        self.settings = config.model
         self._load(self.settings)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
