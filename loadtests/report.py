@@ -136,6 +136,18 @@ def labelled_pass(url: str, texts: list[str], labels: np.ndarray, api_key: str |
     return out
 
 
+def settle(url: str, api_key: str | None, timeout_s: float = 30.0) -> None:
+    """Wait until the gateway has nothing in flight (an overloaded run leaves a backlog behind), so one
+    system's load does not spill into the next one's numbers."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    deadline, idle = time.monotonic() + timeout_s, 0
+    with httpx.Client(base_url=url, headers=headers, timeout=10) as client:
+        while idle < 10 and time.monotonic() < deadline:  # several answers: each replica counts its own
+            idle = idle + 1 if client.get("/v1/status").json()["in_flight"] == 0 else 0
+            time.sleep(0.1)
+    time.sleep(1.0)
+
+
 def sweep(url: str, texts: list[str], concurrencies: list[int], seconds: int, api_key: str | None,
           home: Path, p99_ms: float, plain_port: int = 8090) -> tuple[list[LoadResult], list[OpenLoopResult]]:
     """Closed-loop (wrk, by concurrency) and open-loop (loadtest, by arrival rate) load on each system."""
@@ -143,10 +155,12 @@ def sweep(url: str, texts: list[str], concurrencies: list[int], seconds: int, ap
     open_results: list[OpenLoopResult] = []
     run_wrk(url, texts, "student", 4, 3, api_key)
     for system, route in ROUTES.items():
+        settle(url, api_key)
         for concurrency in concurrencies:
             pct: dict[float, float] = {}
             rps, p50, p99, errors = run_wrk(url, texts, route, concurrency, seconds, api_key, pct)
             results.append(LoadResult(system, route, concurrency, rps, p50, p99, errors, pct))
+        settle(url, api_key)
         open_results += open_loop_ladder(url, texts, route, system, seconds, p99_ms, api_key)
     plain = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "loadtests.plain_server:app", "--host", "127.0.0.1", "--port",
