@@ -59,7 +59,7 @@ class Teacher:
         self.settings = config.model
         self._load(self.settings)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _logits(self, texts: list[str]) -> list[np.ndarray]:
         runtime = self.runtime
         assert runtime is not None
