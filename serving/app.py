@@ -45,6 +45,11 @@ class AppArgs(BaseModel):
     teacher_threads: int = 1
 
 
+def teacher_user_config(model: dict[str, Any]) -> dict[str, Any]:
+    """The Teacher deployment's ``user_config`` (``TeacherDeploymentConfig``): the gateway's model, default batching."""
+    return {"model": dict(model), "batch": TeacherBatchSettings().model_dump()}
+
+
 def default_serve_config(port: int = 8000) -> dict[str, Any]:
     """The Serve config `cascade serve` deploys; ``deploy/serve.yaml`` is this, written out."""
     gateway = GatewayConfig().model_dump(mode="json", exclude={"model": {"home"}})
@@ -60,7 +65,7 @@ def default_serve_config(port: int = 8000) -> dict[str, Any]:
             "deployments": [
                 {"name": "Gateway", **copy.deepcopy(DEPLOYMENT_OPTIONS["Gateway"]), "user_config": gateway},
                 {"name": "Teacher", **copy.deepcopy(DEPLOYMENT_OPTIONS["Teacher"]),
-                 "user_config": {"model": dict(gateway["model"]), "batch": TeacherBatchSettings().model_dump()}},
+                 "user_config": teacher_user_config(gateway["model"])},
             ],
         }],
     }
@@ -69,6 +74,5 @@ def default_serve_config(port: int = 8000) -> dict[str, Any]:
 def build_app(args: dict[str, Any] | None = None) -> Application:
     parsed = AppArgs.model_validate(args or {})
     model = parsed.config.model.model_dump()
-    teacher = TeacherDeployment.options(user_config={"model": model, "batch": TeacherBatchSettings().model_dump()}
-                                        ).bind(model, parsed.teacher_threads)
+    teacher = TeacherDeployment.options(user_config=teacher_user_config(model)).bind(model, parsed.teacher_threads)
     return GatewayDeployment.options(user_config=parsed.config.model_dump(mode="json")).bind(teacher)

@@ -45,7 +45,7 @@ from serving.schemas import (
     InferResponse,
     ModelMetadata,
 )
-from serving.settings import AuthSettings, GatewayConfig, queue_url
+from serving.settings import AuthSettings, GatewayConfig, StudentSettings, queue_url
 
 logger = logging.getLogger("ray.serve")
 
@@ -186,7 +186,6 @@ class Gateway:
         self.auth = AuthSettings.from_env()
         self.bundle: Bundle | None = None
         self.student: StudentRuntime | None = None
-        self._student_threads: int | None = None
         self.policy: DeferralPolicy | None = None
         self.gate = TeacherGate(0, 0.0)
         self.shadow = ShadowSampler(0.0)
@@ -231,11 +230,10 @@ class Gateway:
         """Swap student, bundle and policy together; requests in flight finish on the objects they hold."""
         with self._swap_lock:
             student = self.student
-            threads = config.student.threads
-            if self.bundle is None or bundle.version != self.bundle.version or threads != self._student_threads:
+            if (student is None or self.bundle is None or bundle.version != self.bundle.version
+                    or student.threads != config.student.threads):
                 student = StudentRuntime(bundle.student_path, bundle.tokenizer_dir, bundle.manifest.max_length,
-                                         threads)
-                self._student_threads = threads
+                                         config.student.threads)
                 logger.info("gateway serving student %s", bundle.version)
             manifest = bundle.manifest
             policy = DeferralPolicy(
@@ -278,7 +276,8 @@ class Gateway:
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected)
 
     # -- inference ----------------------------------------------------------------------------
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001)
+    @serve.batch(max_batch_size=StudentSettings().max_batch_size,
+                 batch_wait_timeout_s=StudentSettings().batch_wait_timeout_s)
     async def _student_logits(self, texts: list[str]) -> list[np.ndarray]:
         student = self.student
         assert student is not None
@@ -291,8 +290,8 @@ class Gateway:
     async def _student_answer(self, texts: list[str]) -> np.ndarray:
         """Student logits. A lone one-text request runs inline: with nothing else in flight there is
         nothing to batch with and no one for the event loop to serve meanwhile, and the batch queue and
-        worker-thread hop cost about 1.5 ms here (docs/performance.md). Under load, texts are batched
-        on the worker thread so the event loop keeps accepting."""
+        worker-thread hop were the largest fixed costs on that path (docs/performance.md). Under load,
+        texts are batched on the worker thread so the event loop keeps accepting."""
         student = self.student
         assert student is not None
         if len(texts) == 1 and self.in_flight <= 1:

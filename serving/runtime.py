@@ -23,6 +23,7 @@ class StudentRuntime:
     """
 
     def __init__(self, onnx_path: Path, tokenizer_dir: Path, max_length: int, threads: int = 1) -> None:
+        self.threads = threads
         self.tokenizer = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
         self.tokenizer.enable_truncation(max_length)
         self.tokenizer.no_padding()

@@ -57,7 +57,7 @@ class TeacherBatchSettings(BaseModel):
     max_batch_size: int = Field(16, ge=1)
     batch_wait_timeout_s: float = Field(0.0, ge=0.0, description="How long a teacher batch waits to fill. 0: a "
                                         "lone deferred text starts at once; under load the next batch fills while "
-                                        "the current one runs (~35 ms a text here).")
+                                        "the current one runs.")
 
 
 class TeacherDeploymentConfig(BaseModel):

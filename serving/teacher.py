@@ -14,7 +14,7 @@ from ray import serve
 from distill.registry import Registry
 from serving.metrics import ModelCallMetrics
 from serving.runtime import TeacherRuntime
-from serving.settings import ModelSettings, TeacherDeploymentConfig
+from serving.settings import ModelSettings, TeacherBatchSettings, TeacherDeploymentConfig
 
 logger = logging.getLogger("ray.serve")
 
@@ -59,7 +59,8 @@ class Teacher:
         self.settings = config.model
         self._load(self.settings)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
+    @serve.batch(max_batch_size=TeacherBatchSettings().max_batch_size,
+                 batch_wait_timeout_s=TeacherBatchSettings().batch_wait_timeout_s)
     async def _logits(self, texts: list[str]) -> list[np.ndarray]:
         runtime = self.runtime
         assert runtime is not None

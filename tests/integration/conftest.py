@@ -95,17 +95,15 @@ def apply_config(gateway: Gateway, **user_config: dict) -> None:
     assert deployed.returncode == 0, f"serve deploy failed:\n{deployed.stdout}\n{deployed.stderr}"
     wanted = deployments["Gateway"]["user_config"]
     replicas = deployments["Gateway"]["num_replicas"]
-    applied: dict[str, bool] = {}  # the latest answer of each replica: does it run the new config?
+    applied: dict[str, bool] = {}  # per replica: does it run the new config?
     deadline = time.monotonic() + 120
     with gateway.client() as client:
         while time.monotonic() < deadline:
-            status = client.get("/v1/status")
-            if status.status_code == 200:
-                live = status.json()
-                applied[live["replica"]] = all(live["config"][section] == wanted[section]
-                                               for section in wanted if section != "model")
-                if len(applied) >= replicas and all(applied.values()):
-                    return
+            applied = {replica: all(status["config"][section] == wanted[section]
+                                    for section in wanted if section != "model")
+                       for replica, status in replica_statuses(client, replicas).items()}
+            if all(applied.values()):
+                return
             time.sleep(0.2)
     raise AssertionError(f"configuration was not applied on {replicas} replicas within 120 s: {applied}")
 
