@@ -35,6 +35,7 @@ from routing.policy import DeferralPolicy, DegradedReason, Route, ShadowSampler,
 from routing.queue import open_queue, teacher_answer_records
 from routing.recorder import RecordWriter
 from serving import replica_state
+from serving.batching import OpportunisticBatcher
 from serving.metrics import GatewayMetrics
 from serving.runtime import StudentRuntime
 from serving.schemas import (
@@ -200,6 +201,9 @@ class Gateway:
         # One worker thread: ONNX Runtime work leaves the event loop, which keeps accepting
         # requests (and filling the next batch) while a batch runs.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="student")
+        defaults = StudentSettings()
+        self._student_batcher = OpportunisticBatcher(self._student_batch, defaults.max_batch_size,
+                                                     defaults.batch_wait_timeout_s)
         self.reconfigure(config or {})
         replica_state.gateway = self
         self._stop = threading.Event()
@@ -214,8 +218,8 @@ class Gateway:
         self.gate.configure(teacher.max_concurrency, teacher.max_share, teacher.max_texts_per_s,
                             teacher.budget_window_s)
         self.shadow = ShadowSampler(config.shadow.share)
-        self._student_logits.set_max_batch_size(config.student.max_batch_size)
-        self._student_logits.set_batch_wait_timeout_s(config.student.batch_wait_timeout_s)
+        self._student_batcher.max_batch_size = config.student.max_batch_size
+        self._student_batcher.wait_s = config.student.batch_wait_timeout_s
         url = queue_url(config)
         if url != self._writer_url:
             old = self.writer
@@ -276,9 +280,7 @@ class Gateway:
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected)
 
     # -- inference ----------------------------------------------------------------------------
-    @serve.batch(max_batch_size=StudentSettings().max_batch_size,
-                 batch_wait_timeout_s=StudentSettings().batch_wait_timeout_s)
-    async def _student_logits(self, texts: list[str]) -> list[np.ndarray]:
+    async def _student_batch(self, texts: list[str]) -> list[np.ndarray]:
         student = self.student
         assert student is not None
         loop = asyncio.get_running_loop()
@@ -303,7 +305,7 @@ class Gateway:
             logits = student.logits(texts)
             self.metrics.student.call(1, time.perf_counter() - started)
             return logits
-        return np.stack(await asyncio.gather(*(self._student_logits(t) for t in texts)))
+        return np.stack(await asyncio.gather(*(self._student_batcher(t) for t in texts)))
 
     async def _ask_teacher(self, texts: list[str], enforce_budget: bool) -> tuple[np.ndarray | None, str | None,
                                                                                    DegradedReason | None]:

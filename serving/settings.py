@@ -33,7 +33,7 @@ class RoutingSettings(BaseModel):
 
 
 class StudentSettings(BaseModel):
-    """The int8 student inside the gateway replica (dynamic batching via serve.batch)."""
+    """The int8 student inside the gateway replica (opportunistic batching, serving/batching.py)."""
 
     threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads per replica.")
     max_batch_size: int = Field(32, ge=1)
@@ -52,7 +52,7 @@ class TeacherSettings(BaseModel):
 
 
 class TeacherBatchSettings(BaseModel):
-    """Dynamic batching in the teacher deployment (serve.batch), applied live."""
+    """Opportunistic batching in the teacher deployment (serving/batching.py), applied live."""
 
     max_batch_size: int = Field(16, ge=1)
     batch_wait_timeout_s: float = Field(0.0, ge=0.0, description="How long a teacher batch waits to fill. 0: a "

@@ -9,9 +9,9 @@ import time
 from typing import Any
 
 import numpy as np
-from ray import serve
 
 from distill.registry import Registry
+from serving.batching import OpportunisticBatcher
 from serving.metrics import ModelCallMetrics
 from serving.runtime import TeacherRuntime
 from serving.settings import ModelSettings, TeacherBatchSettings, TeacherDeploymentConfig
@@ -28,6 +28,8 @@ class Teacher:
         self.version: str | None = None
         self.runtime: TeacherRuntime | None = None
         self.metrics = ModelCallMetrics("teacher")
+        defaults = TeacherBatchSettings()
+        self._batcher = OpportunisticBatcher(self._run_batch, defaults.max_batch_size, defaults.batch_wait_timeout_s)
         self._load(self.settings)
         threading.Thread(target=self._follow_current, name="cascade-follow-current", daemon=True).start()
 
@@ -54,14 +56,12 @@ class Teacher:
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """``TeacherDeploymentConfig``: follow a promotion, change batching; no restart."""
         config = TeacherDeploymentConfig.model_validate(user_config)
-        self._logits.set_max_batch_size(config.batch.max_batch_size)
-        self._logits.set_batch_wait_timeout_s(config.batch.batch_wait_timeout_s)
+        self._batcher.max_batch_size = config.batch.max_batch_size
+        self._batcher.wait_s = config.batch.batch_wait_timeout_s
         self.settings = config.model
         self._load(self.settings)
 
-    @serve.batch(max_batch_size=TeacherBatchSettings().max_batch_size,
-                 batch_wait_timeout_s=TeacherBatchSettings().batch_wait_timeout_s)
-    async def _logits(self, texts: list[str]) -> list[np.ndarray]:
+    async def _run_batch(self, texts: list[str]) -> list[np.ndarray]:
         runtime = self.runtime
         assert runtime is not None
         # Blocking PyTorch work runs off the event loop so health checks and batching keep going.
@@ -72,7 +72,7 @@ class Teacher:
 
     async def classify(self, texts: list[str]) -> dict[str, Any]:
         version = self.version
-        rows = await asyncio.gather(*(self._logits(text) for text in texts))
+        rows = await asyncio.gather(*(self._batcher(text) for text in texts))
         return {"version": version, "logits": np.stack(rows).tolist()}
 
     async def ready(self) -> str | None:
