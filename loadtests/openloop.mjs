@@ -3,17 +3,31 @@
 // a slow server shows as growing latency instead of a slower client (no coordinated omission).
 //
 // node loadtests/openloop.mjs URL RATE SECONDS BODIES_JSON_FILE
-// Prints loadtest's result as one JSON line. LOADTEST_MODULE: path of loadtest's index.js.
+// Prints loadtest's result as one JSON line, with `answers`: texts answered, how many by the teacher,
+// how many degraded (the student answering in the teacher's place). LOADTEST_MODULE: path of
+// loadtest's index.js.
 import {readFileSync} from 'node:fs'
 
 const {loadTest} = await import(process.env.LOADTEST_MODULE)
 const [url, rate, seconds, bodiesFile] = process.argv.slice(2)
 const bodies = JSON.parse(readFileSync(bodiesFile, 'utf8'))
 const headers = process.env.CASCADE_API_KEY ? {authorization: `Bearer ${process.env.CASCADE_API_KEY}`} : {}
+const answers = {texts: 0, teacher: 0, degraded: 0}
 let next = 0
+
+function count(error, response) {
+  if (error || !response || response.statusCode !== 200) return
+  for (const result of JSON.parse(response.body).results ?? []) {
+    answers.texts += 1
+    answers.teacher += result.served_by === 'teacher' ? 1 : 0
+    answers.degraded += result.degraded ? 1 : 0
+  }
+}
+
 const result = await loadTest({
   url, method: 'POST', contentType: 'application/json', headers,
   body: () => bodies[next++ % bodies.length],
   requestsPerSecond: Number(rate), maxSeconds: Number(seconds), agentKeepAlive: true, timeout: 5000, quiet: true,
+  statusCallback: count,
 })
-console.log(JSON.stringify(result))
+console.log(JSON.stringify({...result, answers}))
