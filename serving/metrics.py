@@ -31,7 +31,7 @@ EXPORTED = (
     "cascade_teacher_share", "cascade_teacher_share_budget", "cascade_shadow_total", "cascade_shadow_agreed_total",
     "cascade_disagreements_total", "cascade_queue_written_total", "cascade_queue_dropped_total",
     "cascade_queue_retried_total", "cascade_queue_backlog", "cascade_cost_dollars_total",
-    "cascade_teacher_only_cost_dollars_total", "cascade_model_info",
+    "cascade_teacher_only_cost_dollars_total", "cascade_model_info", "cascade_model_texts_total",
 )
 
 
@@ -44,9 +44,14 @@ class ModelCallMetrics:
                                    boundaries=LATENCY_BUCKETS_S, tag_keys=("model",))
         self.batch_size = Histogram("cascade_batch_size", description="Texts per model call.",
                                     boundaries=BATCH_BUCKETS, tag_keys=("model",))
+        # Ray exports a histogram's _sum estimated from bucket midpoints (a call of one text adds 0.5),
+        # so the mean batch size is this exact count over cascade_batch_size_count.
+        self.texts = Counter("cascade_model_texts", description="Texts through model calls (exact; the mean batch "
+                             "size is its rate over cascade_batch_size_count's).", tag_keys=("model",))
 
     def call(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size, tags=self.tags)
+        self.texts.inc(size, tags=self.tags)
         self.inference.observe(seconds, tags=self.tags)
 
 

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -118,3 +119,25 @@ def test_prometheus_sees_counts_latency_and_cost(gateway: Gateway, prometheus: s
     assert query(prometheus, "max(cascade_model_info)") == 1
     threshold = wait_for(prometheus, "max(cascade_threshold)", lambda v: v >= 0)
     assert threshold is not None
+
+
+def test_the_teacher_batches_what_queued_while_it_was_busy(gateway: Gateway, prometheus: str) -> None:
+    """Concurrent teacher requests share model calls: fewer teacher calls than texts."""
+    apply_config(gateway, shadow={"share": 0.0})
+    calls = 'sum(cascade_batch_size_count{model="teacher"}) or vector(0)'
+    texts_seen = 'sum(cascade_model_texts_total{model="teacher"}) or vector(0)'
+    time.sleep(12)  # earlier traffic reaches Prometheus first
+    calls_before, texts_before = query(prometheus, calls) or 0.0, query(prometheus, texts_seen) or 0.0
+    texts = load_movie_snippets().texts[200:212]  # 12 at once: under both replicas' teacher caps (8 each)
+
+    def ask(text: str) -> dict:
+        with gateway.client() as client:
+            return client.post("/v1/classify", json={"texts": [text], "route": "teacher"}).json()
+
+    with ThreadPoolExecutor(len(texts)) as pool:
+        answers = list(pool.map(ask, texts))
+    assert all(a["results"][0]["served_by"] == "teacher" for a in answers)
+    assert wait_for(prometheus, texts_seen, lambda v: v >= texts_before + len(texts)) == texts_before + len(texts)
+    time.sleep(8)  # the call counter is a separate series: give it one more export and scrape
+    calls_made = (query(prometheus, calls) or 0.0) - calls_before
+    assert 1 <= calls_made < len(texts)
