@@ -2,9 +2,8 @@
 
 Why not ``@serve.batch``: in Ray 2.60 its loop forms the next batch as soon as one request arrives,
 then lets it wait for the running batch to finish (``max_concurrent_batches``). With no wait timeout,
-every batch under load therefore holds one item and requests run one by one; measured on the teacher
-at 100 req/s of cascade traffic, 160 of 160 batches had one text while each waited behind the
-others. A wait timeout only trades that for added latency on every lone request. Here the next batch
+every batch under load therefore holds one item and requests run one by one, each waiting behind
+the others. A wait timeout only trades that for added latency on every lone request. Here the next batch
 is taken when the model becomes free, so a busy model gets full batches and an idle one starts at once.
 """
 
