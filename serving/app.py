@@ -7,7 +7,13 @@ Deployment options are chosen for a 2-core machine and can be overridden in the 
   ``max_ongoing_requests`` 256 so Ray never becomes the bottleneck before our own admission limit
   (``limits.max_in_flight``), and ``max_queued_requests`` 512 so an overloaded cluster answers 503
   at once instead of queueing without bound.
-- Teacher: 1 replica, ``num_cpus`` 0.5, ``max_ongoing_requests`` 32 (its batches are at most 16).
+- Teacher: 1 replica, ``num_cpus`` 0.5, ``max_ongoing_requests`` 32 (its batches are at most 16),
+  and the CPU priority of Ray's own processes (niceness ``TEACHER_NICENESS``; Ray starts every other
+  worker at niceness 15). On a shared node a deferred text is the request with the least slack: it has
+  already waited for the student and then needs a model call several times longer, so when the teacher
+  and the student path want the same core the teacher goes first. Ray applies the niceness when it
+  starts the worker (``RAY_worker_niceness`` in the actor's runtime env, as Ray's job supervisor does),
+  so no privilege is needed: the teacher is simply not lowered.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from serving.settings import GatewayConfig, TeacherBatchSettings
 from serving.teacher import Teacher
 
 APP_NAME = "cascade"
+TEACHER_NICENESS = 0
 
 # One source for each deployment's options: used for the deployments below and written into the
 # Serve config (deploy/serve.yaml) by ``default_serve_config``.
@@ -31,7 +38,9 @@ DEPLOYMENT_OPTIONS: dict[str, dict[str, Any]] = {
     "Gateway": {"num_replicas": 2, "max_ongoing_requests": 256, "max_queued_requests": 512,
                 "ray_actor_options": {"num_cpus": 0.5}, "health_check_period_s": 5},
     "Teacher": {"num_replicas": 1, "max_ongoing_requests": 32, "max_queued_requests": 64,
-                "ray_actor_options": {"num_cpus": 0.5}, "health_check_period_s": 5},
+                "ray_actor_options": {"num_cpus": 0.5,
+                                      "runtime_env": {"env_vars": {"RAY_worker_niceness": str(TEACHER_NICENESS)}}},
+                "health_check_period_s": 5},
 }
 
 GatewayDeployment = serve.deployment(Gateway, name="Gateway", **DEPLOYMENT_OPTIONS["Gateway"])

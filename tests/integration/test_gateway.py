@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -170,6 +172,28 @@ def test_bench_load_generator_measures_the_gateway(gateway: Gateway) -> None:
     assert {50.0, 95.0, 99.0} <= set(percentiles) and values == sorted(values)  # the report's CDF
     _, _, _, refused = run_wrk(gateway.url, TEXTS, "student", concurrency=2, seconds=1, api_key="wrong")
     assert refused > 0  # 401s are counted as errors, so a broken run cannot pass for a fast one
+
+
+def _replica_niceness(deployment: str) -> list[int]:
+    """Niceness of this machine's Serve replicas of one deployment, found by Ray's process titles."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(
+                    f"ray::ServeReplica:cascade:{deployment}".encode()):
+                found.append(os.getpriority(os.PRIO_PROCESS, int(entry.name)))
+        except OSError:  # the process ended while we looked
+            continue
+    return found
+
+
+def test_the_teacher_runs_at_a_higher_cpu_priority_than_the_gateway(gateway: Gateway) -> None:
+    """A deferred text has the least slack: on a shared node the teacher gets the core first."""
+    from serving.app import TEACHER_NICENESS
+
+    teacher, gateways = _replica_niceness("Teacher"), _replica_niceness("Gateway")
+    assert teacher and gateways, (teacher, gateways)
+    assert set(teacher) == {TEACHER_NICENESS} and min(gateways) > TEACHER_NICENESS, (teacher, gateways)
 
 
 # Last: the teacher replica is restarted by Serve afterwards, which takes a while.

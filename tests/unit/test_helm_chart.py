@@ -111,6 +111,7 @@ def test_serve_config_in_the_rayservice_is_deploy_serve_yaml() -> None:
 
 def test_values_change_the_serve_config_and_the_queue() -> None:
     documents = render(None, "queue.backend=redis", "queue.redis.deploy=true", "serve.teacher.numReplicas=3",
+                       "serve.teacher.niceness=10",
                        json_sets=["serve.gateway.userConfig.routing.threshold=0.8"])
     service = next(doc for doc in documents if doc["kind"] == "RayService")
     config = yaml.safe_load(service["spec"]["serveConfigV2"])
@@ -118,6 +119,7 @@ def test_values_change_the_serve_config_and_the_queue() -> None:
     assert deployments["Gateway"]["user_config"]["routing"]["threshold"] == 0.8
     assert deployments["Gateway"]["user_config"]["queue"]["url"] == "redis://demo-cascade-redis:6379/0"
     assert deployments["Teacher"]["num_replicas"] == 3
+    assert deployments["Teacher"]["ray_actor_options"]["runtime_env"]["env_vars"]["RAY_worker_niceness"] == "10"
     assert "PersistentVolumeClaim" in {d["kind"] for d in documents}  # the models volume
     assert not any(d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"].endswith("-queue")
                    for d in documents)
