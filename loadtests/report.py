@@ -26,13 +26,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 
+from loadtests import cpu
 from loadtests.bench import LoadResult, run_wrk, wait_ready
 
 ROUTES = {"cascade (auto)": "auto", "teacher only": "teacher", "student only": "student"}
@@ -55,6 +56,7 @@ class OpenLoopResult:
     texts: int = 0
     teacher_texts: int = 0
     degraded: int = 0
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds by component, wall_s, busy_cores
 
     @property
     def degraded_share(self) -> float:
@@ -90,16 +92,18 @@ def run_open_loop(url: str, texts: list[str], route: str, rate: float, seconds: 
         env = os.environ | {"LOADTEST_MODULE": str(loadtest_module())}
         if api_key:
             env["CASCADE_API_KEY"] = api_key
+        before = cpu.snapshot()
         out = subprocess.run(["node", str(Path(__file__).with_name("openloop.mjs")), f"{url}/v1/classify",
                               str(rate), str(seconds), file.name],
                              capture_output=True, text=True, check=True, timeout=seconds + 60, env=env).stdout
+        used = cpu.cpu_used(before, cpu.snapshot())
     finally:
         os.unlink(file.name)
     result = json.loads(out.strip().splitlines()[-1])
     pct, answers = result["percentiles"], result["answers"]
     return OpenLoopResult(system, rate, float(result["effectiveRps"]), float(pct["50"] or 0),
                           float(pct["99"] or result["maxLatencyMs"]), int(result["totalErrors"]),
-                          int(answers["texts"]), int(answers["teacher"]), int(answers["degraded"]))
+                          int(answers["texts"]), int(answers["teacher"]), int(answers["degraded"]), used)
 
 
 def confirm_edge(levels: Sequence[float], best_level: Callable[[], float | None], runs_at: Callable[[float], int],
@@ -331,6 +335,27 @@ def plots(results: list[LoadResult], open_results: list[OpenLoopResult], quality
     plt.close(fig)
 
 
+def cpu_table(open_results: list[OpenLoopResult], systems: list[str], p99_ms: float) -> list[str]:
+    """CPU per request by component at each system's highest held open-loop rate (its first run there)."""
+    lines = ["", f"Where the cores went ({os.cpu_count()} here): open loop at each system's highest rate with p99 <= "
+             f"{p99_ms:.0f} ms (its first run there; the lowest rate where none held), CPU ms per request by "
+             "component, read from the OS over the run.", "",
+             "| system | req/s | machine busy (cores) | teacher replica busy (cores) | "
+             + " | ".join(cpu.ORDER) + " | total CPU ms per request |",
+             "|---" * (len(cpu.ORDER) + 5) + "|"]
+    for system in systems:
+        runs = [r for r in open_results if r.system == system and r.cpu]
+        if not runs:
+            continue
+        rate = best_open_rate(runs, system, p99_ms) or min(r.offered_rps for r in runs)
+        run = next(r for r in runs if r.offered_rps == rate)
+        per_request = [run.cpu.get(name, 0.0) * 1000 / max(run.texts, 1) for name in cpu.ORDER]
+        lines.append(f"| {system} | {rate:.0f} | {run.cpu['busy_cores']:.2f} | "
+                     f"{run.cpu.get('teacher', 0.0) / run.cpu['wall_s']:.2f} | "
+                     + " | ".join(f"{v:.1f}" for v in per_request) + f" | {sum(per_request):.1f} |")
+    return lines
+
+
 def markdown(results: list[LoadResult], open_results: list[OpenLoopResult], quality: dict[str, Any],
              p99_ms: float, machine: str) -> str:
     systems = [*ROUTES, PLAIN]
@@ -371,6 +396,7 @@ def markdown(results: list[LoadResult], open_results: list[OpenLoopResult], qual
     ]
     lines += ["", "| check | measured | target | |", "|---|---|---|---|"]
     lines += [f"| {name} | {value} | {target} | {'PASS' if ok else 'FAIL'} |" for name, value, ok, target in checks]
+    lines += cpu_table(open_results, systems, p99_ms)
     lines += ["", "Open loop: loadtest (npm) at fixed arrival rates, each held for the same seconds as a closed-loop "
               "point; a rate counts when p99 holds, nothing fails, at least 90% of it was sent and at most 1% of the "
               "answers are degraded (the student answering in the teacher's place). Closed loop: wrk "
