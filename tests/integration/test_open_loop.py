@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from distill.data import load_movie_snippets, stratified_split
@@ -19,6 +21,9 @@ def test_open_loop_sends_at_the_offered_rate_and_reports_latency(gateway: Gatewa
     assert 18 <= result.achieved_rps <= 22  # the arrival rate is the generator's, not the server's
     assert 0 < result.p50_ms <= result.p99_ms
     assert result.texts >= 70 and result.teacher_texts == 0 and result.degraded == 0  # answers were read
+    # The CPU table names the real processes: the Gateway replicas did the work, the idle teacher little of it.
+    assert result.cpu["gateway"] > 0.05 and result.cpu["gateway"] > 5 * result.cpu["teacher"]
+    assert result.cpu["load generator"] > 0 and 0 < result.cpu["busy_cores"] <= os.cpu_count()
     assert best_open_rate([result], "student only", p99_ms=result.p99_ms) == 20
     assert best_open_rate([result], "student only", p99_ms=result.p99_ms - 1) == 0
 
