@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
@@ -43,6 +43,7 @@ EDGE_RUNS = 3  # runs of each load point at the edge; it holds when most of them
 MAX_DEGRADED_SHARE = 0.01  # a rate held by answering with the student in the teacher's place does not count
 LOADTEST_VERSION = "8.2.1"
 TOOLS = Path(__file__).resolve().parents[1] / ".tools" / "loadtest"
+Level = TypeVar("Level", int, float)  # a load point: a concurrency (closed loop) or an arrival rate (open loop)
 
 
 @dataclass
@@ -106,8 +107,8 @@ def run_open_loop(url: str, texts: list[str], route: str, rate: float, seconds: 
                           int(answers["texts"]), int(answers["teacher"]), int(answers["degraded"]), used)
 
 
-def confirm_edge(levels: Sequence[float], best_level: Callable[[], float | None], runs_at: Callable[[float], int],
-                 run: Callable[[float], None]) -> None:
+def confirm_edge(levels: Sequence[Level], best_level: Callable[[], Level | None], runs_at: Callable[[Level], int],
+                 run: Callable[[Level], None]) -> None:
     """Run the best held level, then the next one up, until each has ``EDGE_RUNS`` runs, judging again
     after each: a refuted best gives way to the level below, a confirmed level above becomes the best."""
     while True:
@@ -140,16 +141,23 @@ def open_loop_ladder(url: str, texts: list[str], route: str, system: str, second
         if misses == 2:
             break
     confirm_edge(RATES, lambda: best_open_rate(results, system, p99_ms) or None,
-                 lambda rate: sum(r.offered_rps == rate for r in results), run)
+                 lambda rate: len(open_loop_points(results, system).get(rate, [])), run)
     return results
+
+
+def open_loop_points(results: list[OpenLoopResult], system: str) -> dict[float, list[OpenLoopResult]]:
+    """The system's open-loop runs by offered rate (the edge has several)."""
+    points: dict[float, list[OpenLoopResult]] = {}
+    for r in results:
+        if r.system == system:
+            points.setdefault(r.offered_rps, []).append(r)
+    return dict(sorted(points.items()))
 
 
 def best_open_rate(results: list[OpenLoopResult], system: str, p99_ms: float) -> float:
     """Highest offered rate most of whose runs the system sustained within the p99 objective (0 when none)."""
-    rates = {r.offered_rps for r in results if r.system == system}
-    return max((rate for rate in rates if _mostly([r.holds(p99_ms) for r in results
-                                                   if r.system == system and r.offered_rps == rate])),
-               default=0.0)
+    return max((rate for rate, runs in open_loop_points(results, system).items()
+                if _mostly([r.holds(p99_ms) for r in runs])), default=0.0)
 
 
 def closed_loop_points(results: list[LoadResult], system: str) -> dict[int, list[LoadResult]]:
@@ -228,15 +236,15 @@ def closed_loop(url: str, texts: list[str], route: str, system: str, concurrenci
                 api_key: str | None, p99_ms: float, results: list[LoadResult]) -> None:
     """wrk at each concurrency, then the edge confirmed; appends to ``results``."""
 
-    def run(concurrency: float) -> None:
+    def run(concurrency: int) -> None:
         pct: dict[float, float] = {}
-        rps, p50, p99, errors = run_wrk(url, texts, route, int(concurrency), seconds, api_key, pct)
-        results.append(LoadResult(system, route, int(concurrency), rps, p50, p99, errors, pct))
+        rps, p50, p99, errors = run_wrk(url, texts, route, concurrency, seconds, api_key, pct)
+        results.append(LoadResult(system, route, concurrency, rps, p50, p99, errors, pct))
 
     for concurrency in concurrencies:
         run(concurrency)
     confirm_edge(concurrencies, lambda: best_concurrency(results, system, p99_ms),
-                 lambda c: len(closed_loop_points(results, system).get(int(c), [])), run)
+                 lambda c: len(closed_loop_points(results, system).get(c, [])), run)
 
 
 def sweep(url: str, texts: list[str], concurrencies: list[int], seconds: int, api_key: str | None,
@@ -303,9 +311,8 @@ def plots(results: list[LoadResult], open_results: list[OpenLoopResult], quality
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for system in systems:
-        rates = sorted({r.offered_rps for r in open_results if r.system == system})
-        points = [(rate, float(np.median([r.p99_ms for r in open_results
-                                          if r.system == system and r.offered_rps == rate]))) for rate in rates]
+        points = [(rate, float(np.median([r.p99_ms for r in runs])))
+                  for rate, runs in open_loop_points(open_results, system).items()]
         ax.plot([r for r, _ in points], [v for _, v in points], marker="o", label=system)
     ax.axhline(p99_ms, color="grey", linestyle="--", label=f"p99 objective ({p99_ms:.0f} ms)")
     ax.set_xscale("log")
@@ -344,11 +351,12 @@ def cpu_table(open_results: list[OpenLoopResult], systems: list[str], p99_ms: fl
              + " | ".join(cpu.ORDER) + " | total CPU ms per request |",
              "|---" * (len(cpu.ORDER) + 5) + "|"]
     for system in systems:
-        runs = [r for r in open_results if r.system == system and r.cpu]
-        if not runs:
+        measured = [r for r in open_results if r.cpu]
+        points = open_loop_points(measured, system)
+        if not points:
             continue
-        rate = best_open_rate(runs, system, p99_ms) or min(r.offered_rps for r in runs)
-        run = next(r for r in runs if r.offered_rps == rate)
+        rate = best_open_rate(measured, system, p99_ms) or min(points)
+        run = points[rate][0]
         per_request = [run.cpu.get(name, 0.0) * 1000 / max(run.texts, 1) for name in cpu.ORDER]
         lines.append(f"| {system} | {rate:.0f} | {run.cpu['busy_cores']:.2f} | "
                      f"{run.cpu.get('teacher', 0.0) / run.cpu['wall_s']:.2f} | "
