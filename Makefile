@@ -52,6 +52,7 @@ run: models
 
 test: install system-deps $(HELM)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 bench: models system-deps
@@ -73,6 +74,7 @@ drift-demo: models
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

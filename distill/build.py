@@ -17,6 +17,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from bundle.registry import (
+    CURVE_FILE,
+    STUDENT_FILE,
+    STUDENT_FP32_DIR,
+    TEACHER_DIR,
+    TOKENIZER_DIR,
+    Bundle,
+    Registry,
+)
+from bundle.runtime import StudentRuntime
 from distill import train
 from distill.config import BuildConfig
 from distill.data import LABELS, Splits, load_movie_snippets, stratified_split
@@ -29,18 +39,8 @@ from distill.evaluate import (
     write_report,
 )
 from distill.export import build_student_onnx
-from distill.registry import (
-    CURVE_FILE,
-    STUDENT_FILE,
-    STUDENT_FP32_DIR,
-    TEACHER_DIR,
-    TOKENIZER_DIR,
-    Bundle,
-    Registry,
-)
 from routing.calibration import fit_temperature
 from routing.confidence import ConfidenceMeasure, softmax
-from serving.runtime import StudentRuntime
 
 CALIBRATION_FILE = "calibration.npz"
 

@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from bundle.registry import Bundle
+from bundle.runtime import StudentRuntime, TeacherRuntime
 from distill.data import Dataset, Splits
-from distill.registry import Bundle
 from routing.calibration import (
     OperatingPoint,
     cascade_answers,
@@ -23,7 +24,6 @@ from routing.calibration import (
     sweep,
 )
 from routing.confidence import ConfidenceMeasure, softmax
-from serving.runtime import StudentRuntime, TeacherRuntime
 
 
 def bootstrap_interval(correct: np.ndarray, samples: int, seed: int = 0) -> tuple[float, float]:

@@ -27,13 +27,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
-from distill import train
-from distill.build import calibrate_bundle_dir, default_splits
-from distill.config import BuildConfig
-from distill.data import Dataset, Splits
-from distill.evaluate import evaluate_bundle, write_report
-from distill.export import build_student_onnx
-from distill.registry import (
+from bundle.registry import (
     STUDENT_FILE,
     STUDENT_FP32_DIR,
     TEACHER_DIR,
@@ -42,8 +36,14 @@ from distill.registry import (
     Registry,
     link_tree,
 )
-from routing.queue import Leased, QueueBackend
-from serving.runtime import StudentRuntime
+from bundle.runtime import StudentRuntime
+from distill import train
+from distill.build import calibrate_bundle_dir, default_splits
+from distill.config import BuildConfig
+from distill.data import Dataset, Splits
+from distill.evaluate import evaluate_bundle, write_report
+from distill.export import build_student_onnx
+from records.queue import Leased, QueueBackend
 
 
 class RedistillConfig(BaseModel):

@@ -15,9 +15,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from distill.registry import Registry
+from bundle.registry import Registry
+from bundle.runtime import StudentRuntime
 from routing.confidence import softmax
-from serving.runtime import StudentRuntime
 
 _bundle = Registry(os.environ.get("CASCADE_HOME", "models")).load()
 _student = StudentRuntime(_bundle.student_path, _bundle.tokenizer_dir, _bundle.manifest.max_length,

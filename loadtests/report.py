@@ -418,20 +418,26 @@ def markdown(results: list[LoadResult], open_results: list[OpenLoopResult], qual
     return "\n".join(lines)
 
 
-def run_report(url: str, home: Path, texts: list[str], labels: np.ndarray, out: Path, seconds: int,
-               concurrencies: list[int], p99_ms: float = 100.0) -> str:
-    from distill.registry import Registry
+@dataclass(frozen=True)
+class BundleFacts:
+    """What the report needs from the served bundle, read by the caller (the load tests speak HTTP only)."""
 
+    version: str
+    threshold: float
+    report: dict[str, Any]
+
+
+def run_report(url: str, home: Path, texts: list[str], labels: np.ndarray, out: Path, seconds: int,
+               concurrencies: list[int], bundle: BundleFacts, p99_ms: float = 100.0) -> str:
+    """Run every load point and write the report; ``bundle`` is what the CLI read from the registry."""
     out.mkdir(parents=True, exist_ok=True)
     api_key = os.environ.get("CASCADE_API_KEY")
     quality = labelled_pass(url, texts, labels, api_key)
     results, open_results = sweep(url, texts, concurrencies, seconds, api_key, home, p99_ms)
-    bundle = Registry(home).load(verify=False)
-    report = json.loads((bundle.path / "report.json").read_text())
-    curve = report["evaluation"]["test_curve"]
-    operating = next((p for p in curve if abs(p["threshold"] - bundle.manifest.threshold) < 1e-12), None)
+    curve = bundle.report["evaluation"]["test_curve"]
+    operating = next((p for p in curve if abs(p["threshold"] - bundle.threshold) < 1e-12), None)
     if operating is None:
-        ev = report["evaluation"]["cascade"]
+        ev = bundle.report["evaluation"]["cascade"]
         operating = {"teacher_share": ev["teacher_share"], "accuracy": ev["accuracy"]}
     plots(results, open_results, quality, curve, operating, out, 32 if 32 in concurrencies else max(concurrencies),
           p99_ms)

@@ -29,15 +29,15 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from distill.registry import Bundle, Registry
+from bundle.registry import Bundle, Registry
+from bundle.runtime import StudentRuntime
+from records.queue import open_queue, teacher_answer_records
+from records.writer import RecordWriter
 from routing.confidence import ConfidenceMeasure, softmax
 from routing.policy import DeferralPolicy, DegradedReason, Route, ShadowSampler, TeacherGate
-from routing.queue import open_queue, teacher_answer_records
-from routing.recorder import RecordWriter
 from serving import replica_state
 from serving.batching import OpportunisticBatcher
 from serving.metrics import GatewayMetrics
-from serving.runtime import StudentRuntime
 from serving.schemas import (
     ClassifyRequest,
     ClassifyResponse,
@@ -206,7 +206,6 @@ class Gateway:
                                                      defaults.batch_wait_timeout_s)
         self.reconfigure(config or {})
         replica_state.gateway = self
-        self._stop = threading.Event()
         threading.Thread(target=self._follow_current, name="cascade-follow-current", daemon=True).start()
 
     # -- configuration -------------------------------------------------------------------------
@@ -249,7 +248,8 @@ class Gateway:
 
     def _follow_current(self) -> None:
         """Swap to a newly promoted (or rolled back) version; loading happens off the event loop."""
-        while not self._stop.wait(self.config.model.poll_interval_s):
+        while True:
+            time.sleep(self.config.model.poll_interval_s)
             self._publish_state()
             config = self.config
             if config.model.version is not None:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, SecretStr
 
+from records.queue import QueueSettings, default_queue_url
 from routing.confidence import ConfidenceMeasure
-from routing.queue import QueueSettings, default_queue_url
 
 
 class ModelSettings(BaseModel):

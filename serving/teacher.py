@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from distill.registry import Registry
+from bundle.registry import Registry
+from bundle.runtime import TeacherRuntime
 from serving.batching import OpportunisticBatcher
 from serving.metrics import ModelCallMetrics
-from serving.runtime import TeacherRuntime
 from serving.settings import ModelSettings, TeacherBatchSettings, TeacherDeploymentConfig
 
 logger = logging.getLogger("ray.serve")

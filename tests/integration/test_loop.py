@@ -11,8 +11,8 @@ from collections import Counter
 import httpx
 import pytest
 
+from bundle.registry import Registry
 from distill.data import load_amazon_snippets
-from distill.registry import Registry
 from tests.conftest import run_cli
 from tests.integration.conftest import Gateway, apply_config, queue_total
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from routing.queue import DisagreementRecord, QueueBackend, RetentionSettings, SqliteQueue, open_queue
-from routing.recorder import RecordWriter
+from records.queue import DisagreementRecord, QueueBackend, RetentionSettings, SqliteQueue, open_queue
+from records.writer import RecordWriter
 from tests.servers import redis_server
 
 
@@ -126,8 +126,8 @@ def test_full_buffer_counts_drops(tmp_path: Path) -> None:
 
 WRITER = textwrap.dedent("""
     import sys, time
-    from routing.queue import DisagreementRecord, SqliteQueue
-    from routing.recorder import RecordWriter
+    from records.queue import DisagreementRecord, SqliteQueue
+    from records.writer import RecordWriter
 
     def written(batch):
         print(" ".join(r.id for r in batch), flush=True)

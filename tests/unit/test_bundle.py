@@ -7,9 +7,9 @@ import numpy as np
 import onnx
 import pytest
 
+from bundle.registry import BundleError, Registry
+from bundle.runtime import StudentRuntime, TeacherRuntime
 from distill.config import BuildConfig
-from distill.registry import BundleError, Registry
-from serving.runtime import StudentRuntime, TeacherRuntime
 from tests.conftest import run_cli
 
 

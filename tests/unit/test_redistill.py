@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
+from bundle.registry import Registry
+from bundle.runtime import StudentRuntime, TeacherRuntime
 from distill.data import load_amazon_snippets
 from distill.redistill import RedistillConfig, redistill
-from distill.registry import Registry
+from records.queue import SqliteQueue, teacher_answer_records
 from routing.confidence import softmax
-from routing.queue import SqliteQueue, teacher_answer_records
-from serving.runtime import StudentRuntime, TeacherRuntime
 
 
 def fill_queue(home: Path, count: int) -> SqliteQueue:

@@ -222,11 +222,6 @@ class Registry:
         _atomic_write(bundle.path / MANIFEST, manifest.model_dump_json(indent=2))
         return Bundle(bundle.path, manifest)
 
-    def remove(self, version: str) -> None:
-        if version == self.current_version():
-            raise BundleError(f"{version} is current; promote another version first")
-        shutil.rmtree(self.root / version)
-
 
 def link_tree(source: Path, target: Path) -> None:
     """Copy a folder as hard links where the file system allows (bundle files are never rewritten)."""

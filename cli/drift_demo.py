@@ -44,7 +44,7 @@ def _cascade() -> str:
 
 def _private_home(home: Path) -> Path:
     """A new model home holding the current bundle (hard links: no copy of the weights)."""
-    from distill.registry import Registry, link_tree
+    from bundle.registry import Registry, link_tree
 
     source = Registry(home)
     version = source.current_version()

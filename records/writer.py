@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
 
-from routing.queue import DisagreementRecord, QueueBackend, RetentionSettings
+from records.queue import DisagreementRecord, QueueBackend, RetentionSettings
 
 logger = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ def build(
     promote: Annotated[bool, typer.Option(help="Make the new bundle current.")] = True,
 ) -> None:
     """Fine-tune the teacher, distill and quantize the student, calibrate, evaluate and register a bundle."""
-    from distill.registry import BundleError, Registry
+    from bundle.registry import BundleError, Registry
 
     home = _home(home)
     registry = Registry(home)
@@ -68,9 +68,9 @@ def evaluate(
 ) -> None:
     """Measure a bundle on the test split now: accuracies with bootstrap CIs, operating point, speed, size."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from bundle.registry import BundleError, Registry
     from distill.build import default_splits
     from distill.evaluate import evaluate_bundle, format_report
-    from distill.registry import BundleError, Registry
 
     try:
         bundle = Registry(_home(home)).load(version)
@@ -99,9 +99,9 @@ def calibrate(
     """Pick the deferral threshold on val and write it into the bundle's manifest for serving to read."""
     import numpy as np
 
+    from bundle.registry import BundleError, Registry
     from distill.build import CALIBRATION_FILE
     from distill.evaluate import operating_curve_png, pick_operating_point
-    from distill.registry import BundleError, Registry
     from routing.confidence import ConfidenceMeasure, softmax
 
     registry = Registry(_home(home))
@@ -129,7 +129,7 @@ def calibrate(
 @app.command()
 def versions(home: Home = None) -> None:
     """List registry versions; the current one is marked."""
-    from distill.registry import Registry
+    from bundle.registry import Registry
 
     registry = Registry(_home(home))
     current = registry.current_version()
@@ -140,7 +140,7 @@ def versions(home: Home = None) -> None:
 @app.command()
 def promote(version: str, home: Home = None) -> None:
     """Make VERSION current (checksums verified first); a running gateway swaps to it."""
-    from distill.registry import BundleError, Registry
+    from bundle.registry import BundleError, Registry
 
     try:
         Registry(_home(home)).promote(version)
@@ -152,7 +152,7 @@ def promote(version: str, home: Home = None) -> None:
 @app.command()
 def rollback(home: Home = None) -> None:
     """Return `current` to the version before the last promotion."""
-    from distill.registry import BundleError, Registry
+    from bundle.registry import BundleError, Registry
 
     try:
         version = Registry(_home(home)).rollback()
@@ -178,7 +178,7 @@ app.add_typer(queue_app, name="queue")
 
 
 def _open_queue(url: str | None, home: Path):
-    from routing.queue import default_queue_url, open_queue
+    from records.queue import default_queue_url, open_queue
 
     return open_queue(url or os.environ.get("CASCADE_QUEUE_URL") or default_queue_url(home))
 
@@ -279,7 +279,7 @@ def serve(
 
     import yaml
 
-    from distill.registry import BundleError, Registry
+    from bundle.registry import BundleError, Registry
 
     home = _home(home)
     try:
@@ -382,7 +382,7 @@ def drift_demo(home: Home = None,
 
     Starts its own gateway on a private copy of the current bundle; stop any running gateway first.
     """
-    from loadtests.drift_demo import run
+    from cli.drift_demo import run
 
     raise typer.Exit(code=run(_home(home), port=port, epochs=epochs, queue_sharpen=queue_sharpen))
 
@@ -427,11 +427,15 @@ def bench(
         wait_ready(url, "/v2/health/ready", 900, started)
     try:
         if report is not None:
-            from loadtests.report import run_report
+            from bundle.registry import Registry
+            from loadtests.report import BundleFacts, run_report
 
+            served = Registry(home).load(verify=False)
+            facts = BundleFacts(served.version, served.manifest.threshold,
+                                json.loads((served.path / "report.json").read_text()))
             split = stratified_split(load_movie_snippets()).test
             typer.echo(run_report(url, home, split.texts[:500], split.labels[:500], report, seconds,
-                                  concurrency or [1, 2, 4, 8, 16, 32, 64], p99_ms))
+                                  concurrency or [1, 2, 4, 8, 16, 32, 64], facts, p99_ms))
             return
         results = benchmark(url, home, texts, seconds, concurrency or [1, 32])
     finally:
