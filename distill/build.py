@@ -10,6 +10,8 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +64,10 @@ def default_splits(cfg: BuildConfig) -> Splits:
 
 
 def _teacher_key(cfg: BuildConfig) -> dict[str, Any]:
-    return {k: getattr(cfg, k) for k in ("max_length", "train_limit", "teacher_layers", "teacher_epochs",
-                                         "teacher_lr", "teacher_batch_size", "seed")}
+    """What decides the teacher's weights; a cached teacher is reused only when all of it matches."""
+    return {"recipe": "length-bucketed batches"} | {
+        k: getattr(cfg, k) for k in ("max_length", "train_limit", "teacher_layers", "teacher_epochs", "teacher_lr",
+                                     "teacher_batch_size", "seed")}
 
 
 def fine_tune_teacher(cfg: BuildConfig, splits: Splits, work: Path):
@@ -83,7 +87,7 @@ def fine_tune_teacher(cfg: BuildConfig, splits: Splits, work: Path):
     model, val_accuracy = train.fit(
         model, tokenizer, splits.train, splits.val, epochs=cfg.teacher_epochs, lr=cfg.teacher_lr,
         batch_size=cfg.teacher_batch_size, max_length=cfg.max_length, loss_fn=train.hard_label_loss,
-        seed=cfg.seed, desc="teacher fine-tune",
+        bucket_by_length=True, seed=cfg.seed, desc="teacher fine-tune",
     )
     shutil.rmtree(teacher_dir, ignore_errors=True)
     model.save_pretrained(str(teacher_dir), safe_serialization=True)
@@ -92,7 +96,7 @@ def fine_tune_teacher(cfg: BuildConfig, splits: Splits, work: Path):
 
 
 def distill_student(cfg: BuildConfig, teacher, tokenizer, splits: Splits, soft_targets: np.ndarray,
-                    train_set=None, desc: str = "student distillation"):
+                    val_teacher_logits: np.ndarray, train_set=None, desc: str = "student distillation"):
     """Shallow copy of the teacher trained on ``alpha * CE + (1 - alpha) * T^2 * KL`` against its logits.
 
     Each epoch may add teacher-labelled perturbations of the train texts (``kd_augment``); the epoch
@@ -101,7 +105,7 @@ def distill_student(cfg: BuildConfig, teacher, tokenizer, splits: Splits, soft_t
     """
     train_set = train_set or splits.train
     student = train.student_from_teacher(teacher, cfg.student_layers)
-    val_teacher_labels = train.predict_logits(teacher, tokenizer, splits.val.texts, cfg.max_length).argmax(-1)
+    val_teacher_labels = val_teacher_logits.argmax(-1)
 
     def augmented(_epoch: int, rng: np.random.Generator) -> tuple[list[str], np.ndarray]:
         texts = train.perturb(train_set.texts, rng)
@@ -117,7 +121,8 @@ def distill_student(cfg: BuildConfig, teacher, tokenizer, splits: Splits, soft_t
     )
 
 
-def _student_checkpoint(cfg: BuildConfig, teacher, tokenizer, splits: Splits, soft: np.ndarray, work: Path):
+def _student_checkpoint(cfg: BuildConfig, teacher, tokenizer, splits: Splits, soft: np.ndarray,
+                        val_teacher: np.ndarray, work: Path):
     """The distilled fp32 student, kept in ``work`` so export and quantization can be redone alone."""
     student_dir = work / "student_fp32"
     done = student_dir / "cascade_done.json"
@@ -131,7 +136,7 @@ def _student_checkpoint(cfg: BuildConfig, teacher, tokenizer, splits: Splits, so
         model = AutoModelForSequenceClassification.from_pretrained(
             str(student_dir), local_files_only=True, use_safetensors=True).eval()
         return model, json.loads(done.read_text())["val_agreement"]
-    student, val_agreement = distill_student(cfg, teacher, tokenizer, splits, soft)
+    student, val_agreement = distill_student(cfg, teacher, tokenizer, splits, soft, val_teacher)
     shutil.rmtree(student_dir, ignore_errors=True)
     student.save_pretrained(str(student_dir), safe_serialization=True)
     done.write_text(json.dumps({"settings": key, "val_agreement": val_agreement}))
@@ -169,6 +174,15 @@ def calibrate_bundle_dir(staging: Path, cfg: BuildConfig, val_student_logits: np
     }
 
 
+@contextmanager
+def _stage(seconds: dict[str, float], name: str) -> Iterator[None]:
+    """Time one build stage: the report keeps where a build's minutes went, so cuts follow measurements."""
+    started = time.perf_counter()
+    yield
+    seconds[name] = round(time.perf_counter() - started, 1)
+    tqdm.write(f"stage {name}: {seconds[name]:.1f} s")
+
+
 def build(cfg: BuildConfig, home: Path, promote: bool = True) -> Bundle:
     """Run the whole pipeline and publish a new registry version (promoted to ``current`` by default)."""
     torch.set_num_threads(cfg.threads)
@@ -179,20 +193,26 @@ def build(cfg: BuildConfig, home: Path, promote: bool = True) -> Bundle:
     splits = default_splits(cfg)
     tqdm.write(f"data: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test texts")
 
-    teacher, tokenizer, teacher_val = fine_tune_teacher(cfg, splits, work)
-    soft = train.predict_logits(teacher, tokenizer, splits.train.texts, cfg.max_length, desc="teacher soft labels")
-    val_teacher = train.predict_logits(teacher, tokenizer, splits.val.texts, cfg.max_length)
-    test_teacher = train.predict_logits(teacher, tokenizer, splits.test.texts, cfg.max_length)
-
-    student, student_val_agreement = _student_checkpoint(cfg, teacher, tokenizer, splits, soft, work)
+    stages: dict[str, float] = {}
+    with _stage(stages, "teacher fine-tune"):
+        teacher, tokenizer, teacher_val = fine_tune_teacher(cfg, splits, work)
+    with _stage(stages, "teacher logits"):
+        soft = train.predict_logits(teacher, tokenizer, splits.train.texts, cfg.max_length,
+                                    desc="teacher soft labels")
+        val_teacher = train.predict_logits(teacher, tokenizer, splits.val.texts, cfg.max_length)
+        test_teacher = train.predict_logits(teacher, tokenizer, splits.test.texts, cfg.max_length)
+    with _stage(stages, "student distillation"):
+        student, student_val_agreement = _student_checkpoint(cfg, teacher, tokenizer, splits, soft, val_teacher,
+                                                             work)
     registry.root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=registry.root))
     try:
         teacher.save_pretrained(str(staging / TEACHER_DIR), safe_serialization=True)
         student.save_pretrained(str(staging / STUDENT_FP32_DIR), safe_serialization=True)
         tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
-        quantization = build_student_onnx(student, tokenizer, splits.val.texts[:256], cfg.max_length,
-                                          staging / STUDENT_FILE)
+        with _stage(stages, "export and int8"):
+            quantization = build_student_onnx(student, tokenizer, splits.val.texts[:256], cfg.max_length,
+                                              staging / STUDENT_FILE)
         tqdm.write(f"int8 student: {quantization}")
         runtime = StudentRuntime(staging / STUDENT_FILE, staging / TOKENIZER_DIR, cfg.max_length, cfg.threads)
         val_student = runtime.logits(splits.val.texts)
@@ -220,11 +240,12 @@ def build(cfg: BuildConfig, home: Path, promote: bool = True) -> Bundle:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     tqdm.write(f"published {bundle.version}; evaluating on test")
-    evaluation = evaluate_bundle(bundle, splits, bootstrap_samples=cfg.bootstrap_samples,
-                                 latency_runs=cfg.latency_runs, threads=cfg.threads,
-                                 teacher_logits_test=test_teacher)
+    with _stage(stages, "evaluation"):
+        evaluation = evaluate_bundle(bundle, splits, bootstrap_samples=cfg.bootstrap_samples,
+                                     latency_runs=cfg.latency_runs, threads=cfg.threads,
+                                     teacher_logits_test=test_teacher)
     write_report(bundle.path, {"evaluation": evaluation, "calibration": calibration,
-                               "build_seconds": time.time() - started})
+                               "build_seconds": time.time() - started, "stage_seconds": stages})
     if promote:
         registry.promote(bundle.version)
     return registry.load(bundle.version)

@@ -27,8 +27,16 @@ def run_cli(*args: str, home: Path, check: bool = True) -> subprocess.CompletedP
 
 @pytest.fixture(scope="session")
 def tiny_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model home holding one tiny bundle, made by `cascade build --tiny` once per test session."""
+    """A model home holding one tiny bundle, made by `cascade build --tiny` once per test session.
+
+    ``CASCADE_TEST_TINY_HOME`` (a developer's shortcut, never set in CI) copies a tiny home built earlier
+    instead, so a developer iterating on serving code does not rebuild the same bundle every run.
+    """
     home = tmp_path_factory.mktemp("cascade-home")
+    prebuilt = os.environ.get("CASCADE_TEST_TINY_HOME")
+    if prebuilt:
+        shutil.copytree(Path(prebuilt) / "registry", home / "registry")
+        return home
     run_cli("build", "--tiny", home=home)
     return home
 
