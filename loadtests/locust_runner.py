@@ -56,8 +56,7 @@ def prepare_traffic(settings: LoadTestSettings, texts: list[str], path: Path) ->
             answer = client.post("/v1/classify", json={"texts": chunk, "route": "student"}).raise_for_status()
             for text, result in zip(chunk, answer.json()["results"], strict=True):
                 (hard if result["confidence"] < threshold else easy).append(text)
-    path.write_text(json.dumps({"easy": easy, "hard": hard, "hard_share": settings.hard_share,
-                                "api_key": settings.api_key}))
+    path.write_text(json.dumps({"easy": easy, "hard": hard}))
     return {"easy": len(easy), "hard": len(hard)}
 
 
@@ -95,8 +94,10 @@ def run(settings: LoadTestSettings, texts: list[str], out: Path) -> LoadTestSumm
     subprocess.run(
         [locust, "-f", str(LOCUSTFILE), "--headless", "--host", settings.host, "-u", str(settings.users),
          "-r", str(settings.spawn_rate), "-t", f"{settings.run_time_s}s", "--csv", str(prefix),
-         "--html", str(out / "report.html"), "--only-summary", "--stop-timeout", "10", "--exit-code-on-error", "0"],
-        env=os.environ | {"CASCADE_TRAFFIC": str(traffic)}, check=True, timeout=settings.run_time_s + 120,
+         "--html", str(out / "report.html"), "--only-summary", "--stop-timeout", "10", "--exit-code-on-error", "0",
+         "--traffic", str(traffic), "--hard-share", str(settings.hard_share)],
+        env=os.environ | ({"CASCADE_API_KEY": settings.api_key} if settings.api_key else {}), check=True,
+        timeout=settings.run_time_s + 120,
     )
     summary = read_summary(prefix, settings)
     (out / "summary.json").write_text(summary.model_dump_json(indent=2))

@@ -1,9 +1,11 @@
-"""Locust traffic for Cascade: real snippets, single texts and small batches, a share of hard texts.
+"""Locust traffic for Cascade: single texts and small batches, with a share of texts the teacher must see.
 
-Run through `cascade loadtest` (it prepares the traffic file and reads the results), or directly:
-``CASCADE_TRAFFIC=traffic.json locust -f loadtests/locustfile.py --host http://127.0.0.1:8000``.
-The traffic file holds ``{"easy": [...], "hard": [...], "hard_share": 0.1, "api_key": null}``:
-hard texts are ones the live threshold sends to the teacher, so their answers must say so.
+Run it the way Locust users do: ``locust -f loadtests/locustfile.py --host http://127.0.0.1:8000``.
+Default traffic ships beside this file (``traffic/default.json``); ``--traffic FILE`` replaces it,
+``--hard-share`` sets how often a text the live threshold sends to the teacher is picked, and
+``--api-key`` (or ``CASCADE_API_KEY``) authenticates. A traffic file holds either ``{"texts": [...]}``,
+split into easy and hard at the start by asking the gateway itself (``route: student`` and the live
+threshold), or ``{"easy": [...], "hard": [...]}`` already split (what `cascade loadtest` writes).
 
 Kept free of the project's model code: Locust's gevent patching must not meet torch.
 """
@@ -13,13 +15,52 @@ from __future__ import annotations
 import json
 import os
 import random
+from pathlib import Path
 
-from locust import FastHttpUser, between, task
+import requests
+from locust import FastHttpUser, between, events, task
 
-with open(os.environ["CASCADE_TRAFFIC"]) as handle:
-    TRAFFIC = json.load(handle)
+DEFAULT_TRAFFIC = Path(__file__).with_name("traffic") / "default.json"
 FIELDS = {"label", "probabilities", "confidence", "served_by", "degraded", "reason", "student_version",
           "teacher_version"}
+TRAFFIC: dict[str, list[str]] = {"easy": [], "hard": []}
+
+
+@events.init_command_line_parser.add_listener
+def _options(parser) -> None:
+    parser.add_argument("--traffic", default=str(DEFAULT_TRAFFIC), help="Traffic JSON (texts, or easy and hard).")
+    parser.add_argument("--hard-share", type=float, default=0.1, help="Share of picks that are hard texts.")
+    parser.add_argument("--api-key", default=os.environ.get("CASCADE_API_KEY", ""), help="Bearer key, if set.")
+
+
+def _headers(api_key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def split_by_gateway(host: str, texts: list[str], api_key: str) -> dict[str, list[str]]:
+    """Easy and hard texts as the running gateway sees them: hard ones fall under its live threshold."""
+    headers = _headers(api_key)
+    threshold = requests.get(f"{host}/v1/status", headers=headers, timeout=30).json()["threshold"]
+    split: dict[str, list[str]] = {"easy": [], "hard": []}
+    for start in range(0, len(texts), 32):
+        chunk = texts[start : start + 32]
+        answer = requests.post(f"{host}/v1/classify", json={"texts": chunk, "route": "student"}, headers=headers,
+                               timeout=60)
+        answer.raise_for_status()
+        for text, result in zip(chunk, answer.json()["results"], strict=True):
+            split["hard" if result["confidence"] < threshold else "easy"].append(text)
+    return split
+
+
+@events.test_start.add_listener
+def _load_traffic(environment, **_kwargs) -> None:
+    options = environment.parsed_options
+    traffic = json.loads(Path(options.traffic).read_text())
+    if "texts" in traffic:
+        traffic = split_by_gateway(environment.host, traffic["texts"], options.api_key)
+    TRAFFIC["easy"], TRAFFIC["hard"] = list(traffic.get("easy", [])), list(traffic.get("hard", []))
+    if not TRAFFIC["easy"] and not TRAFFIC["hard"]:
+        raise SystemExit(f"{options.traffic}: no texts")
 
 
 class CascadeUser(FastHttpUser):
@@ -28,11 +69,11 @@ class CascadeUser(FastHttpUser):
     wait_time = between(0.0, 0.01)
 
     def on_start(self) -> None:
-        key = TRAFFIC.get("api_key")
-        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.headers = _headers(self.environment.parsed_options.api_key)
+        self.hard_share = self.environment.parsed_options.hard_share
 
     def _pick(self) -> tuple[str, bool]:
-        hard = bool(TRAFFIC["hard"]) and random.random() < TRAFFIC["hard_share"]
+        hard = bool(TRAFFIC["hard"]) and (not TRAFFIC["easy"] or random.random() < self.hard_share)
         return random.choice(TRAFFIC["hard"] if hard else TRAFFIC["easy"]), hard
 
     def _classify(self, name: str, picks: list[tuple[str, bool]]) -> None:

@@ -38,3 +38,19 @@ def test_a_missed_objective_fails_the_run(gateway: Gateway, tmp_path: Path) -> N
     assert result.returncode == 1
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert not summary["passed"] and any("p99" in reason for reason in summary["reasons"])
+
+
+def test_the_locustfile_runs_as_locust_users_run_it(gateway: Gateway, tmp_path: Path) -> None:
+    """`locust -f loadtests/locustfile.py --host URL`: the shipped traffic, no environment variable needed."""
+    apply_config(gateway)
+    locust = str(Path(CASCADE).with_name("locust"))
+    env = {k: v for k, v in os.environ.items() if k not in ("CASCADE_TRAFFIC", "CASCADE_API_KEY")}
+    result = subprocess.run([locust, "-f", "loadtests/locustfile.py", "--host", gateway.url, "--headless", "-u", "2",
+                             "-r", "2", "-t", "5s", "--api-key", API_KEY, "--csv", str(tmp_path / "plain"),
+                             "--only-summary", "--exit-code-on-error", "1"],
+                            capture_output=True, text=True, env=env, timeout=120,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = (tmp_path / "plain_stats.csv").read_text().splitlines()
+    aggregated = next(row for row in rows if ",Aggregated," in row).split(",")
+    assert int(aggregated[2]) > 5 and int(aggregated[3]) == 0  # requests made, none failed
