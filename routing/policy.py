@@ -31,6 +31,7 @@ class DegradedReason(StrEnum):
     ERROR = "teacher_error"
     SATURATED = "teacher_saturated"
     BUDGET = "teacher_budget"
+    UNAVAILABLE = "teacher_unavailable"  # the circuit breaker is open: the teacher failed repeatedly
 
 
 @dataclass(frozen=True)
@@ -68,24 +69,35 @@ class TeacherGate:
     ``burst`` texts may go beyond the share, so a cold replica can still reach the teacher.
     Per replica and in memory: each ingress replica enforces its part of the budget, which needs no
     coordination and keeps the check off the network. Shares are measured over a sliding window.
+
+    Shadow calls use only spare capacity, so they can never turn a real deferral into a degraded
+    answer: real deferrals count only real calls and real texts, while a shadow call must fit under
+    its own small cap, under the concurrency cap together with the real calls in flight, and within
+    the share budget left over by real deferrals (no burst).
     """
 
     def __init__(self, max_concurrency: int, max_share: float, max_texts_per_s: float | None = None,
-                 window_s: float = 10.0, burst: int = 8, clock: Callable[[], float] = time.monotonic) -> None:
+                 window_s: float = 10.0, burst: int = 8, clock: Callable[[], float] = time.monotonic,
+                 shadow_max_concurrency: int = 1) -> None:
         self.max_concurrency = max_concurrency
         self.max_share = max_share
         self.max_texts_per_s = max_texts_per_s
         self.window_s = window_s
         self.burst = burst
+        self.shadow_max_concurrency = shadow_max_concurrency
         self._clock = clock
         self.in_flight = 0
+        self.shadow_in_flight = 0
         self._seen: deque[tuple[float, int]] = deque()
         self._sent: deque[tuple[float, int]] = deque()
+        self._shadow_sent: deque[tuple[float, int]] = deque()
 
     def configure(self, max_concurrency: int, max_share: float, max_texts_per_s: float | None,
-                  window_s: float) -> None:
+                  window_s: float, shadow_max_concurrency: int | None = None) -> None:
         self.max_concurrency, self.max_share, self.max_texts_per_s = max_concurrency, max_share, max_texts_per_s
         self.window_s = window_s
+        if shadow_max_concurrency is not None:
+            self.shadow_max_concurrency = shadow_max_concurrency
 
     def observe(self, texts: int) -> None:
         """Count texts the gateway answered in ``auto`` (the denominator of the share)."""
@@ -98,8 +110,9 @@ class TeacherGate:
         return sum(n for _, n in window)
 
     def share(self) -> float:
+        """The teacher's share of auto-routed texts over the window, shadow calls included."""
         seen = self._total(self._seen)
-        return self._total(self._sent) / seen if seen else 0.0
+        return (self._total(self._sent) + self._total(self._shadow_sent)) / seen if seen else 0.0
 
     def try_acquire(self, texts: int, enforce_budget: bool = True) -> DegradedReason | None:
         """Reserve a teacher call for ``texts`` texts, or say why not. Call ``release`` after a grant."""
@@ -118,6 +131,24 @@ class TeacherGate:
 
     def release(self) -> None:
         self.in_flight = max(0, self.in_flight - 1)
+
+    def try_acquire_shadow(self, texts: int) -> DegradedReason | None:
+        """Reserve a shadow call from spare capacity only, or say why not. ``release_shadow`` after a grant."""
+        if (self.shadow_in_flight >= self.shadow_max_concurrency
+                or self.in_flight + self.shadow_in_flight >= self.max_concurrency):
+            return DegradedReason.SATURATED
+        seen = self._total(self._seen)
+        used = self._total(self._sent) + self._total(self._shadow_sent)
+        if used + texts > self.max_share * seen:
+            return DegradedReason.BUDGET
+        if self.max_texts_per_s is not None and used + texts > self.max_texts_per_s * self.window_s:
+            return DegradedReason.BUDGET
+        self.shadow_in_flight += 1
+        self._shadow_sent.append((self._clock(), texts))
+        return None
+
+    def release_shadow(self) -> None:
+        self.shadow_in_flight = max(0, self.shadow_in_flight - 1)
 
 
 class ShadowSampler:

@@ -52,3 +52,34 @@ def test_gate_rate_cap() -> None:
     gate.observe(1000)
     assert gate.try_acquire(5) is None
     assert gate.try_acquire(1) is DegradedReason.BUDGET
+
+
+def test_shadow_uses_only_spare_concurrency_and_never_blocks_a_real_deferral() -> None:
+    gate = TeacherGate(max_concurrency=3, max_share=1.0, shadow_max_concurrency=1)
+    gate.observe(100)
+    assert gate.try_acquire_shadow(1) is None
+    assert gate.try_acquire_shadow(1) is DegradedReason.SATURATED  # its own small cap
+    # The shadow call in flight does not take a real slot: all three real calls are still granted.
+    assert [gate.try_acquire(1) for _ in range(3)] == [None, None, None]
+    assert gate.try_acquire(1) is DegradedReason.SATURATED
+    gate.release_shadow()
+    assert gate.try_acquire_shadow(1) is DegradedReason.SATURATED  # real calls at the cap: no spare
+    gate.release()
+    gate.release()
+    assert gate.try_acquire_shadow(1) is None  # spare again
+
+
+def test_shadow_uses_only_budget_that_real_deferrals_left() -> None:
+    clock = FakeClock()
+    gate = TeacherGate(max_concurrency=100, max_share=0.1, window_s=10, burst=2, clock=clock,
+                       shadow_max_concurrency=100)
+    gate.observe(100)
+    shadow_granted = 0
+    while gate.try_acquire_shadow(1) is None:
+        shadow_granted += 1
+    assert shadow_granted == 10  # the share with no burst
+    real_granted = 0
+    while gate.try_acquire(1) is None:
+        real_granted += 1
+    assert real_granted == 12  # shadow spending took nothing from the real budget
+    assert gate.try_acquire_shadow(1) is DegradedReason.BUDGET  # real deferrals used it up
