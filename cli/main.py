@@ -387,6 +387,18 @@ def drift_demo(home: Home = None,
     raise typer.Exit(code=run(_home(home), port=port, epochs=epochs, queue_sharpen=queue_sharpen))
 
 
+@app.command()
+def reference(write: Annotated[bool, typer.Option("--write", help="Rewrite the README's section in place.")] = False,
+              readme: Annotated[Path, typer.Option(help="The README to rewrite.")] = Path("README.md")) -> None:
+    """Print the configuration reference (every user_config field and environment variable) from the models."""
+    from cli.reference import refresh, render
+
+    if not write:
+        typer.echo(render())
+        return
+    typer.echo(f"{readme}: {'updated' if refresh(readme) else 'already current'}")
+
+
 @app.command("serve-config")
 def serve_config_command(port: Annotated[int, typer.Option(help="HTTP port.")] = 8000) -> None:
     """Print the built-in Serve config (the source of deploy/serve.yaml)."""

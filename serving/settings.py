@@ -121,3 +121,22 @@ class AuthSettings(BaseModel):
 def queue_url(config: GatewayConfig) -> str:
     """The configured queue, or SQLite beside the registry (one file, for one node)."""
     return config.queue.url or default_queue_url(config.model.home)
+
+
+# Every environment variable the product reads or sets, for the README's generated reference.
+ENVIRONMENT: dict[str, str] = {
+    "CASCADE_HOME": "Model home holding `registry/` (and the SQLite queue unless one is configured); default "
+                    "`./models`.",
+    "CASCADE_API_KEY": "When set, every endpoint but health and docs requires `Authorization: Bearer <key>`.",
+    "CASCADE_API_KEY_FILE": "A file holding the API key (read when `CASCADE_API_KEY` is unset), e.g. a mounted "
+                            "Kubernetes secret.",
+    "CASCADE_QUEUE_URL": "The distillation queue (`sqlite:///path.db` or `redis://host:port/db`) for the gateway "
+                         "and the CLI alike, over `queue.url`; default SQLite in the model home.",
+    "HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE": "Set to 1 by the CLI and the Makefile: nothing is fetched from a model "
+                                             "hub; models load from local folders only.",
+    "RAY_SERVE_ENABLE_HA_PROXY / RAY_SERVE_THROUGHPUT_OPTIMIZED": "Set by `cascade serve` (its default fast mode): "
+                                                                  "HAProxy ingress and Serve's throughput mode; "
+                                                                  "`--no-fast` leaves them unset.",
+    "CASCADE_TEST_TINY_HOME": "Development only: the test suite copies this prebuilt tiny model home instead of "
+                              "building one.",
+}
