@@ -27,6 +27,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from bundle.teacher_spec import TeacherSpec
+
 MANIFEST = "manifest.json"
 STUDENT_FILE = "student.onnx"
 TEACHER_DIR = "teacher"
@@ -59,6 +61,8 @@ class Manifest(BaseModel):
     source_data: dict[str, Any] = Field(default_factory=dict)
     parent_version: str | None = None
     teacher_version: str | None = Field(None, description="Bundle the teacher was trained in; kept by re-distillation.")
+    teacher: TeacherSpec = Field(default_factory=TeacherSpec, description="Which teacher: local weights in "
+                                 "teacher/ or a remote inference server (then the bundle has no teacher/ folder).")
     queue_records: list[str] = Field(default_factory=list)
     metrics: dict[str, Any] = Field(default_factory=dict)
     build: dict[str, Any] = Field(default_factory=dict)

@@ -45,7 +45,8 @@ class StudentRuntime:
 class TeacherRuntime:
     """The teacher as its users run it: transformers, PyTorch fp32, inference mode."""
 
-    def __init__(self, model_dir: Path, tokenizer_dir: Path, max_length: int, threads: int = 1) -> None:
+    def __init__(self, model_dir: Path, tokenizer_dir: Path, max_length: int, threads: int = 1,
+                 device: str = "cpu") -> None:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -55,10 +56,11 @@ class TeacherRuntime:
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
         self.model = AutoModelForSequenceClassification.from_pretrained(
             str(model_dir), local_files_only=True, use_safetensors=True
-        ).eval()
+        ).eval().to(device)
+        self.device = device
 
     def logits(self, texts: list[str]) -> np.ndarray:
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                               return_tensors="pt")
+                               return_tensors="pt").to(self.device)
         with self._torch.inference_mode():
-            return self.model(**batch).logits.float().numpy()
+            return self.model(**batch).logits.float().cpu().numpy()
