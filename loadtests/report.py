@@ -25,7 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -272,74 +273,78 @@ def sweep(url: str, texts: list[str], concurrencies: list[int], seconds: int, ap
     return results, open_results
 
 
-def plots(results: list[LoadResult], open_results: list[OpenLoopResult], quality: dict[str, Any],
-          curve: list[dict[str, float]], operating: dict[str, float] | None, out: Path, concurrency: int,
-          p99_ms: float) -> None:
+@contextmanager
+def _figure(path: Path, title: str, xlabel: str, ylabel: str) -> Iterator[Any]:
+    """One 6x4 plot: the caller draws on the axes; labels, legend and the PNG are done here."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    systems = [*ROUTES, PLAIN]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for system in systems:
-        point = next((r for r in results if r.system == system and r.concurrency == concurrency), None)
-        if point and point.percentiles_ms:
-            pcts = sorted(point.percentiles_ms.items())
-            ax.plot([v for _, v in pcts], [p / 100 for p, _ in pcts], marker=".", label=system)
-    ax.set_xscale("log")
-    ax.set_xlabel("latency (ms)")
-    ax.set_ylabel("share of requests")
-    ax.set_title(f"Latency CDF at concurrency {concurrency}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "latency_cdf.png", dpi=110)
-    plt.close(fig)
+    try:
+        yield ax
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for system in systems:
-        points = [(c, median_rps(runs)) for c, runs in closed_loop_points(results, system).items()]
-        ax.plot([c for c, _ in points], [v for _, v in points], marker="o", label=system)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("concurrent connections (closed loop)")
-    ax.set_ylabel("requests/s")
-    ax.set_title("Throughput against concurrency")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "throughput.png", dpi=110)
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for system in systems:
-        points = [(rate, float(np.median([r.p99_ms for r in runs])))
-                  for rate, runs in open_loop_points(open_results, system).items()]
-        ax.plot([r for r, _ in points], [v for _, v in points], marker="o", label=system)
-    ax.axhline(p99_ms, color="grey", linestyle="--", label=f"p99 objective ({p99_ms:.0f} ms)")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("offered requests/s (open loop)")
-    ax.set_ylabel("p99 latency (ms), median of a rate's runs")
-    ax.set_title("p99 latency against arrival rate")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "open_loop_p99.png", dpi=110)
-    plt.close(fig)
+def plot_latency_cdf(results: list[LoadResult], concurrency: int, path: Path) -> None:
+    with _figure(path, f"Latency CDF at concurrency {concurrency}", "latency (ms)", "share of requests") as ax:
+        for system in [*ROUTES, PLAIN]:
+            point = next((r for r in results if r.system == system and r.concurrency == concurrency), None)
+            if point and point.percentiles_ms:
+                pcts = sorted(point.percentiles_ms.items())
+                ax.plot([v for _, v in pcts], [p / 100 for p, _ in pcts], marker=".", label=system)
+        ax.set_xscale("log")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([p["teacher_share"] for p in curve], [p["accuracy"] for p in curve], label="cascade (test split)")
-    if operating:
-        ax.scatter([operating["teacher_share"]], [operating["accuracy"]], color="red", zorder=3,
-                   label="operating point")
-    live = quality["cascade (auto)"]
-    ax.scatter([live["teacher_share"]], [live["accuracy"]], marker="x", color="black", zorder=3,
-               label="measured through the gateway")
-    ax.set_xlabel("share of texts sent to the teacher")
-    ax.set_ylabel("accuracy")
-    ax.set_title("Cascade accuracy against teacher share")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_share.png", dpi=110)
-    plt.close(fig)
+
+def plot_throughput(results: list[LoadResult], path: Path) -> None:
+    with _figure(path, "Throughput against concurrency", "concurrent connections (closed loop)",
+                 "requests/s") as ax:
+        for system in [*ROUTES, PLAIN]:
+            points = [(c, median_rps(runs)) for c, runs in closed_loop_points(results, system).items()]
+            ax.plot([c for c, _ in points], [v for _, v in points], marker="o", label=system)
+        ax.set_xscale("log", base=2)
+
+
+def plot_open_loop_p99(open_results: list[OpenLoopResult], p99_ms: float, path: Path) -> None:
+    with _figure(path, "p99 latency against arrival rate", "offered requests/s (open loop)",
+                 "p99 latency (ms), median of a rate's runs") as ax:
+        for system in [*ROUTES, PLAIN]:
+            points = [(rate, float(np.median([r.p99_ms for r in runs])))
+                      for rate, runs in open_loop_points(open_results, system).items()]
+            ax.plot([r for r, _ in points], [v for _, v in points], marker="o", label=system)
+        ax.axhline(p99_ms, color="grey", linestyle="--", label=f"p99 objective ({p99_ms:.0f} ms)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+
+
+def plot_accuracy_vs_share(curve: list[dict[str, float]], operating: dict[str, float] | None,
+                           live: dict[str, float], path: Path) -> None:
+    with _figure(path, "Cascade accuracy against teacher share", "share of texts sent to the teacher",
+                 "accuracy") as ax:
+        ax.plot([p["teacher_share"] for p in curve], [p["accuracy"] for p in curve], label="cascade (test split)")
+        if operating:
+            ax.scatter([operating["teacher_share"]], [operating["accuracy"]], color="red", zorder=3,
+                       label="operating point")
+        ax.scatter([live["teacher_share"]], [live["accuracy"]], marker="x", color="black", zorder=3,
+                   label="measured through the gateway")
+
+
+def plots(results: list[LoadResult], open_results: list[OpenLoopResult], quality: dict[str, Any],
+          curve: list[dict[str, float]], operating: dict[str, float] | None, out: Path, concurrency: int,
+          p99_ms: float) -> None:
+    """The report's four PNGs."""
+    plot_latency_cdf(results, concurrency, out / "latency_cdf.png")
+    plot_throughput(results, out / "throughput.png")
+    plot_open_loop_p99(open_results, p99_ms, out / "open_loop_p99.png")
+    plot_accuracy_vs_share(curve, operating, quality["cascade (auto)"], out / "accuracy_vs_share.png")
 
 
 def cpu_table(open_results: list[OpenLoopResult], systems: list[str], p99_ms: float) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from loadtests.bench import LoadResult
 from loadtests.report import (
     EDGE_RUNS,
@@ -9,6 +11,7 @@ from loadtests.report import (
     best_open_rate,
     best_rate,
     confirm_edge,
+    plots,
 )
 
 SYSTEM = "teacher only"
@@ -81,3 +84,17 @@ def test_with_nothing_held_the_lowest_rate_is_confirmed_and_nothing_above_it_run
     system.run(10)
     confirm_edge([10, 20], system.best, system.runs_at, system.run)
     assert system.best() is None and system.runs_at(10) == EDGE_RUNS and system.runs_at(20) == 0
+
+
+def test_the_report_draws_its_four_plots_from_runs(tmp_path: Path) -> None:
+    """Each plot function draws from constructed runs alone; a broken one fails here, not after a long bench."""
+    closed = [LoadResult("cascade (auto)", "auto", c, 100.0 * c, 5.0, 20.0, 0, {50.0: 5.0, 99.0: 20.0})
+              for c in (1, 2, 4)]
+    opened = [OpenLoopResult("cascade (auto)", rate, rate, 5.0, 10.0 + rate, errors=0, texts=100)
+              for rate in (10, 20, 40)]
+    curve = [{"teacher_share": share, "accuracy": 0.8 + share / 10} for share in (0.0, 0.1, 0.2)]
+    quality = {"cascade (auto)": {"teacher_share": 0.12, "accuracy": 0.81}}
+    plots(closed, opened, quality, curve, curve[1], tmp_path, 2, 100.0)
+    names = {"latency_cdf.png", "throughput.png", "open_loop_p99.png", "accuracy_vs_share.png"}
+    assert {path.name for path in tmp_path.iterdir()} == names
+    assert all((tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in names)
