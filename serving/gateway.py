@@ -477,13 +477,15 @@ class Gateway:
 
     @api.get("/v2/health/ready")
     async def ready(self, request: Request) -> Response:
-        """Ready only when the student is loaded here and the teacher deployment answers."""
+        """Ready when the student is loaded here and the teacher deployment answers. A remote teacher's server
+        being down does not make the gateway unready (its deferred texts are answered degraded, not failed, and
+        an unready pod would fail them all); ``teacher`` reports its state: kind, version, server ready, breaker."""
         try:
-            teacher_version = await asyncio.wait_for(self.teacher.ready.remote(), 2.0)
-        except Exception:
-            teacher_version = None
-        ready = self.student is not None and teacher_version is not None
-        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+            teacher = await asyncio.wait_for(self.teacher.state.remote(), 3.0)
+        except Exception as exc:
+            teacher = {"version": None, "ready": False, "error": f"{type(exc).__name__}: {exc}"[:200]}
+        ready = self.student is not None and teacher.get("version") is not None
+        return JSONResponse({"ready": ready, "teacher": teacher}, status_code=200 if ready else 503)
 
     @api.get("/v2/models/{name}", response_model=ModelMetadata)
     async def model_metadata(self, name: str) -> dict[str, Any]:

@@ -39,18 +39,28 @@ class ErrorResponse(BaseModel):
 
 
 class InferTensor(BaseModel):
+    """An input or output tensor. ``data`` is absent when its bytes follow the JSON header (binary tensor data
+    extension); ``parameters.binary_data_size`` then says how many. Unknown parameters are accepted and ignored."""
+
     name: str
     shape: list[int]
     datatype: str
-    data: list[Any]
+    data: list[Any] | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class InferRequestedOutput(BaseModel):
+    """An output to return; ``parameters.binary_data`` asks for it as raw bytes."""
+
+    name: str
     parameters: dict[str, Any] | None = None
 
 
 class InferRequest(BaseModel):
     id: str | None = None
     inputs: list[InferTensor] = Field(min_length=1)
-    outputs: list[dict[str, Any]] | None = None
-    parameters: dict[str, Any] | None = None
+    outputs: list[InferRequestedOutput] | None = Field(None, description="Only these, in this order; all if absent.")
+    parameters: dict[str, Any] | None = Field(None, description="binary_data_output: all outputs as raw bytes.")
 
 
 class InferResponse(BaseModel):
@@ -58,6 +68,12 @@ class InferResponse(BaseModel):
     model_version: str | None = None
     id: str
     outputs: list[InferTensor]
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
 
 
 class TensorMetadata(BaseModel):

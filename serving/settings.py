@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr
 
@@ -60,10 +61,21 @@ class TeacherBatchSettings(BaseModel):
                                         "the current one runs.")
 
 
+class TeacherRuntimeSettings(BaseModel):
+    """Where the teacher runs; its kind (local weights or a remote server) comes from the bundle's manifest."""
+
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="A `local` teacher's device; `auto` takes "
+                                                   "a GPU when PyTorch sees one. Give the Teacher deployment "
+                                                   "`ray_actor_options.num_gpus` to place it on a GPU node.")
+    remote_url: str | None = Field(None, description="A `remote` teacher's server URL, overriding the one the "
+                                   "bundle recorded (the same server under this cluster's name).")
+
+
 class TeacherDeploymentConfig(BaseModel):
-    """The teacher deployment's ``user_config``: which bundle's teacher, and how it batches."""
+    """The teacher deployment's ``user_config``: which bundle's teacher, where it runs, and how it batches."""
 
     model: ModelSettings = Field(default_factory=ModelSettings)
+    runtime: TeacherRuntimeSettings = Field(default_factory=TeacherRuntimeSettings)
     batch: TeacherBatchSettings = Field(default_factory=TeacherBatchSettings)
 
 
