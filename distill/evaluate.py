@@ -5,6 +5,7 @@ Everything here is measured when called; nothing is copied from an earlier repor
 
 from __future__ import annotations
 
+import asyncio
 import json
 import statistics
 import time
@@ -14,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from bundle.registry import Bundle
-from bundle.runtime import StudentRuntime, TeacherRuntime
+from bundle.runtime import StudentRuntime
+from bundle.teachers import TeacherClient, open_teacher, teacher_logits_sync
 from distill.data import Dataset, Splits
 from routing.calibration import (
     OperatingPoint,
@@ -53,6 +55,21 @@ def tfidf_baseline(splits: Splits) -> float:
         best = max(best, (model.score(vectorizer.transform(splits.val.texts), splits.val.labels), c))
     model = LogisticRegression(C=best[1], max_iter=2000).fit(x_train, splits.train.labels)
     return float(model.score(vectorizer.transform(splits.test.texts), splits.test.labels))
+
+
+def teacher_cache_dir(bundle: Bundle) -> Path:
+    """Teacher answers are cached in the model home's work folder (keyed by teacher identity and text)."""
+    return bundle.path.parent.parent / "work" / "teacher_answers"
+
+
+def client_latency_ms(client: TeacherClient, texts: list[str], runs: int) -> dict[str, float]:
+    """Batch-1 latency of a teacher client on one event loop (a remote teacher keeps its connection)."""
+    loop = asyncio.new_event_loop()
+    try:
+        return per_text_latency_ms(lambda batch: loop.run_until_complete(client.logits(batch)), texts, runs)
+    finally:
+        loop.run_until_complete(client.aclose())
+        loop.close()
 
 
 def per_text_latency_ms(predict, texts: list[str], runs: int) -> dict[str, float]:
@@ -108,12 +125,12 @@ def evaluate_bundle(bundle: Bundle, splits: Splits, *, bootstrap_samples: int, l
     manifest = bundle.manifest
     test: Dataset = splits.test
     student = StudentRuntime(bundle.student_path, bundle.tokenizer_dir, manifest.max_length, threads)
-    teacher = TeacherRuntime(bundle.teacher_dir, bundle.tokenizer_dir, manifest.max_length, threads)
+    # The teacher the manifest names (local weights or a remote server), answers cached beside the registry.
+    teacher = open_teacher(manifest.teacher, bundle.path, manifest.labels, max_length=manifest.max_length,
+                           threads=threads)
     student_logits = np.concatenate([student.logits(test.texts[i : i + 64]) for i in range(0, len(test), 64)])
     if teacher_logits_test is None:
-        teacher_logits_test = np.concatenate(
-            [teacher.logits(test.texts[i : i + 64]) for i in range(0, len(test), 64)]
-        )
+        teacher_logits_test = teacher_logits_sync(teacher, test.texts, teacher_cache_dir(bundle))
     measure = ConfidenceMeasure(manifest.confidence_measure)
     student_probs = softmax(student_logits, manifest.temperatures.student)
     teacher_probs = softmax(teacher_logits_test, manifest.temperatures.teacher)
@@ -130,8 +147,9 @@ def evaluate_bundle(bundle: Bundle, splits: Splits, *, bootstrap_samples: int, l
 
     latency_texts = test.texts[:latency_runs]
     student_latency = per_text_latency_ms(student.logits, latency_texts, latency_runs)
-    teacher_latency = per_text_latency_ms(teacher.logits, latency_texts, latency_runs)
-    teacher_bytes = directory_bytes(bundle.teacher_dir)
+    teacher_latency = client_latency_ms(teacher, latency_texts, latency_runs)
+    # A remote teacher's weights are not in the bundle: no size to compare with.
+    teacher_bytes = directory_bytes(bundle.teacher_dir) if bundle.teacher_dir.is_dir() else None
     student_bytes = bundle.student_path.stat().st_size
 
     test_curve = sweep(student_probs, teacher_probs, test.labels, measure)
@@ -150,11 +168,12 @@ def evaluate_bundle(bundle: Bundle, splits: Splits, *, bootstrap_samples: int, l
         },
         "latency_batch1_threads": threads,
         "student_latency": student_latency,
+        "teacher_kind": manifest.teacher.kind,
         "teacher_latency": teacher_latency,
         "speedup_p50": teacher_latency["p50_ms"] / student_latency["p50_ms"],
         "student_bytes": student_bytes,
         "teacher_bytes": teacher_bytes,
-        "size_ratio": student_bytes / teacher_bytes,
+        "size_ratio": student_bytes / teacher_bytes if teacher_bytes else None,
         "test_curve": thin_curve(test_curve),
     }
 
@@ -207,13 +226,14 @@ def format_report(report: dict[str, Any]) -> str:
          _check(cascade["agreement_with_teacher"] >= 0.97, ">= 97%")),
         (f"student latency p50 / p99 (batch 1, {ev['latency_batch1_threads']} threads)",
          f"{ev['student_latency']['p50_ms']:.2f} / {ev['student_latency']['p99_ms']:.2f} ms", ""),
-        ("teacher latency p50 / p99 (PyTorch fp32)",
+        (f"teacher latency p50 / p99 ({ev.get('teacher_kind', 'local')})",
          f"{ev['teacher_latency']['p50_ms']:.2f} / {ev['teacher_latency']['p99_ms']:.2f} ms", ""),
         ("speed-up (p50)", f"{ev['speedup_p50']:.1f}x", _check(ev["speedup_p50"] >= 6, ">= 6x")),
-        ("student file / teacher weights",
-         f"{ev['student_bytes'] / 1e6:.1f} MB / {ev['teacher_bytes'] / 1e6:.1f} MB = {ev['size_ratio']:.3f}",
-         _check(ev["size_ratio"] <= 0.25, "<= 0.25")),
     ]
+    if ev.get("size_ratio") is not None:
+        sizes = f"{ev['student_bytes'] / 1e6:.1f} MB / {ev['teacher_bytes'] / 1e6:.1f} MB"
+        rows.append(("student file / teacher weights", f"{sizes} = {ev['size_ratio']:.3f}",
+                     _check(ev["size_ratio"] <= 0.25, "<= 0.25")))
     if "calibration" in report:
         for model in ("student", "teacher"):
             c = report["calibration"][model]

@@ -16,7 +16,6 @@ nothing and leaves the records leased until the lease runs out, then visible aga
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import tempfile
 import time
@@ -37,11 +36,12 @@ from bundle.registry import (
     link_tree,
 )
 from bundle.runtime import StudentRuntime
+from bundle.teachers import open_teacher, teacher_logits_sync
 from distill import train
 from distill.build import calibrate_bundle_dir, default_splits
 from distill.config import BuildConfig
 from distill.data import Dataset, Splits
-from distill.evaluate import evaluate_bundle, write_report
+from distill.evaluate import evaluate_bundle, teacher_cache_dir, write_report
 from distill.export import build_student_onnx
 from records.queue import Leased, QueueBackend
 
@@ -82,24 +82,13 @@ def _is_holdout(record_id: str, share: float) -> bool:
     return digest / 0xFFFFFFFF < share
 
 
-def _teacher_logits(home: Path, bundle: Bundle, splits: Splits, max_length: int) -> dict[str, np.ndarray]:
-    """Teacher logits on the base splits, cached per teacher and data (they never change for a teacher)."""
-    key = hashlib.sha256(json.dumps([bundle.teacher_version, splits.train.fingerprint(), splits.val.fingerprint(),
-                                     splits.test.fingerprint(), max_length]).encode()).hexdigest()[:16]
-    cache = home / "work" / "teacher_logits" / f"{key}.npz"
-    if cache.is_file():
-        with np.load(cache) as data:
-            return {name: data[name] for name in ("train", "val", "test")}
-    from transformers import AutoModelForSequenceClassification
-
-    teacher = AutoModelForSequenceClassification.from_pretrained(
-        str(bundle.teacher_dir), local_files_only=True, use_safetensors=True).eval()
-    tokenizer = train.load_tokenizer(bundle.tokenizer_dir)
-    logits = {name: train.predict_logits(teacher, tokenizer, getattr(splits, name).texts, max_length,
-                                         desc=f"teacher logits ({name})") for name in ("train", "val", "test")}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, **logits)
-    return logits
+def _teacher_logits(bundle: Bundle, splits: Splits, max_length: int, threads: int) -> dict[str, np.ndarray]:
+    """Teacher logits on the base splits from the teacher the bundle names (its weights or a remote server),
+    cached on disk by teacher and text, so a re-distillation pays for each text once."""
+    teacher = open_teacher(bundle.manifest.teacher, bundle.path, bundle.manifest.labels, max_length=max_length,
+                           threads=threads)
+    return {name: teacher_logits_sync(teacher, getattr(splits, name).texts, teacher_cache_dir(bundle))
+            for name in ("train", "val", "test")}
 
 
 def _starting_student(bundle: Bundle, build_cfg: BuildConfig):
@@ -135,7 +124,7 @@ def redistill(home: Path, queue: QueueBackend, cfg: RedistillConfig) -> Redistil
     holdout = [item for item in leased if _is_holdout(item.record.id, cfg.holdout_share)]
     learn = [item for item in leased if not _is_holdout(item.record.id, cfg.holdout_share)]
     splits = default_splits(build_cfg)
-    base_logits = _teacher_logits(home, parent, splits, build_cfg.max_length)
+    base_logits = _teacher_logits(parent, splits, build_cfg.max_length, build_cfg.threads)
     t_teacher = parent.manifest.temperatures.teacher
     queued_logits = np.array([np.log(np.clip(item.record.teacher_probs, 1e-6, 1.0)) * t_teacher * cfg.queue_sharpen
                               for item in learn],
@@ -164,7 +153,8 @@ def redistill(home: Path, queue: QueueBackend, cfg: RedistillConfig) -> Redistil
     registry.root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=registry.root))
     try:
-        link_tree(parent.teacher_dir, staging / TEACHER_DIR)
+        if parent.teacher_dir.is_dir():  # a remote teacher's bundle has no weights to carry
+            link_tree(parent.teacher_dir, staging / TEACHER_DIR)
         shutil.copytree(parent.tokenizer_dir, staging / TOKENIZER_DIR)
         student.save_pretrained(str(staging / STUDENT_FP32_DIR), safe_serialization=True)
         quantization = build_student_onnx(student, tokenizer, splits.val.texts[:256], build_cfg.max_length,
@@ -213,6 +203,7 @@ def redistill(home: Path, queue: QueueBackend, cfg: RedistillConfig) -> Redistil
             "source_data": parent.manifest.source_data | {"queue": {"records": len(learn), "held_out": len(holdout)}},
             "parent_version": parent.version,
             "teacher_version": parent.teacher_version,
+            "teacher": parent.manifest.teacher,
             "queue_records": [item.record.id for item in leased],
             "metrics": {"quantization": quantization, "gate": gate},
             "build": parent.manifest.build | {"redistill": cfg.model_dump()},
