@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,10 @@ STUDENT_FP32_DIR = "student_fp32"
 TOKENIZER_DIR = "tokenizer"
 REPORT_FILE = "report.json"
 CURVE_FILE = "operating_curve.png"
+
+# What each serving process loads, for ``Registry.load(verify=...)``: a process checks only those files.
+STUDENT_FILES = (STUDENT_FILE, TOKENIZER_DIR)
+TEACHER_FILES = (TEACHER_DIR, TOKENIZER_DIR)
 
 
 class BundleError(RuntimeError):
@@ -202,8 +207,11 @@ class Registry:
             return []
         return [json.loads(line) for line in self.history_file.read_text().splitlines() if line.strip()]
 
-    def load(self, version: str | None = None, verify: bool = True) -> Bundle:
-        """Open a version (default: ``current``) and, unless told not to, verify every checksum."""
+    def load(self, version: str | None = None, verify: bool | Collection[str] = True) -> Bundle:
+        """Open a version (default: ``current``) and verify checksums: every file (``True``), none
+        (``False``), or only the files under the given relative paths (e.g. ``STUDENT_FILES``), which is
+        what a serving process does on every reconfigure and swap: those results are cached per file in
+        the process (see ``verify_subset``), so a version is hashed once, not on every reload."""
         version = version or self.current_version()
         if version is None:
             raise BundleError(f"no current model in {self.root}: run `cascade build` first")
@@ -215,8 +223,10 @@ class Registry:
             manifest = Manifest.model_validate_json(manifest_path.read_text())
         except ValueError as exc:
             raise BundleError(f"{manifest_path}: invalid manifest: {exc}") from exc
-        if verify:
+        if verify is True:
             verify_files(path, manifest.files)
+        elif verify:
+            verify_subset(path, manifest.files, verify)
         return Bundle(path, manifest)
 
     def save_manifest(self, bundle: Bundle, manifest: Manifest) -> Bundle:
@@ -251,3 +261,28 @@ def verify_files(root: Path, expected: dict[str, str]) -> None:
                 f"bundle {root.name}: checksum mismatch for {relative} "
                 f"(manifest {digest[:12]}…, file {actual[:12]}…): the file was altered or is corrupt"
             )
+
+
+# (file, sha256, size, mtime_ns) already verified in this process: version folders are immutable, and a
+# file rewritten in place changes its size or mtime, so it is hashed again.
+_VERIFIED: set[tuple[str, str, int, int]] = set()
+
+
+def verify_subset(root: Path, expected: dict[str, str], prefixes: Collection[str]) -> None:
+    """Verify only the manifest's files under ``prefixes`` (a file or a folder each), once per process.
+    A prefix the manifest does not list is no error (a bundle with a remote teacher has no teacher folder);
+    the loader of that file then fails with its own message."""
+    chosen = {rel: digest for rel, digest in expected.items()
+              if any(rel == prefix or rel.startswith(prefix.rstrip("/") + "/") for prefix in prefixes)}
+    unverified: dict[str, str] = {}
+    for relative, digest in chosen.items():
+        try:
+            stat = (root / relative).stat()
+        except FileNotFoundError:
+            raise BundleError(f"bundle {root.name}: file {relative} is missing") from None
+        if (str(root / relative), digest, stat.st_size, stat.st_mtime_ns) not in _VERIFIED:
+            unverified[relative] = digest
+    verify_files(root, unverified)
+    for relative, digest in unverified.items():
+        stat = (root / relative).stat()
+        _VERIFIED.add((str(root / relative), digest, stat.st_size, stat.st_mtime_ns))

@@ -178,9 +178,11 @@ app.add_typer(queue_app, name="queue")
 
 
 def _open_queue(url: str | None, home: Path):
-    from records.queue import default_queue_url, open_queue
+    """``--queue`` if given, else the gateway's own resolution (serving.settings.queue_url)."""
+    from records.queue import open_queue
+    from serving.settings import queue_url
 
-    return open_queue(url or os.environ.get("CASCADE_QUEUE_URL") or default_queue_url(home))
+    return open_queue(url or queue_url(None, home))
 
 
 @queue_app.command("stats")

@@ -14,8 +14,7 @@ import re
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -29,30 +28,31 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from bundle.registry import Bundle, Registry
+from bundle.registry import STUDENT_FILES, Bundle, Registry
 from bundle.runtime import StudentRuntime
-from records.queue import open_queue, teacher_answer_records
+from records.queue import open_queue
 from records.writer import RecordWriter
-from routing.confidence import ConfidenceMeasure, softmax
-from routing.policy import DeferralPolicy, DegradedReason, Route, ShadowSampler, TeacherGate
-from serving import replica_state
-from serving.batching import OpportunisticBatcher
+from routing.confidence import ConfidenceMeasure
+from routing.policy import DeferralPolicy, Route
+from serving import oip, replica_state
+from serving.cascade import CascadeRouter, Overloaded, Snapshot
 from serving.metrics import GatewayMetrics
 from serving.schemas import (
     ClassifyRequest,
     ClassifyResponse,
     ErrorResponse,
-    InferRequest,
     InferResponse,
     ModelMetadata,
+    ServerMetadata,
 )
-from serving.settings import AuthSettings, GatewayConfig, StudentSettings, queue_url
+from serving.settings import AuthSettings, GatewayConfig, queue_url
 
 logger = logging.getLogger("ray.serve")
 
 MODEL_ROUTES = {"cascade": Route.AUTO, "student": Route.STUDENT, "teacher": Route.TEACHER}
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 OPEN_PATHS = ("/v2/health/", "/docs", "/openapi.json", "/redoc")
+MAX_JSON_DEPTH = 64  # far deeper than any valid request; Python's json recurses and fails near 1,000
 
 
 class ApiError(Exception):
@@ -105,6 +105,12 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return _error(request, exc.status, exc.error, exc.detail, exc.headers)
 
 
+@api.exception_handler(oip.ProtocolError)
+async def _protocol_error(request: Request, exc: oip.ProtocolError) -> JSONResponse:
+    _count_refusal(exc.status)
+    return _error(request, exc.status, exc.error, exc.detail)
+
+
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     _count_refusal(422)
@@ -154,27 +160,28 @@ class RequestContextMiddleware:
 api.add_middleware(RequestContextMiddleware)
 
 
-def _flatten(data: list[Any]) -> list[Any]:
-    flat: list[Any] = []
-    for item in data:
-        flat.extend(_flatten(item) if isinstance(item, list) else [item])
-    return flat
-
-
-def _result(bundle: Bundle, probs: np.ndarray, confidence: float, served_by: str, reason: str | None,
-            teacher_version: str | None, degraded: bool = False) -> dict[str, Any]:
-    """One answer of the v1 API."""
-    labels = bundle.manifest.labels
-    return {
-        "label": labels[int(np.argmax(probs))],
-        "probabilities": {label: float(p) for label, p in zip(labels, probs, strict=True)},
-        "confidence": confidence,
-        "served_by": served_by,
-        "degraded": degraded,
-        "reason": reason,
-        "student_version": bundle.version,
-        "teacher_version": teacher_version,
-    }
+def json_depth_exceeds(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``body`` nests arrays or objects deeper than ``limit``, found by one iterative scan that
+    skips string contents: ``json.loads`` recurses and would raise RecursionError (an HTTP 500) on a
+    body of 100,000 brackets, and no well-kept parser offers a depth limit at the stdlib's speed."""
+    depth, in_string, escaped = 0, False, False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # closing quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return False
 
 
 @serve.ingress(api)
@@ -183,57 +190,72 @@ class Gateway:
 
     def __init__(self, teacher: DeploymentHandle, config: dict[str, Any] | None = None) -> None:
         self.teacher = teacher
-        self.config = GatewayConfig()
+        self.config = GatewayConfig.model_validate(config or {})
         self.auth = AuthSettings.from_env()
-        self.bundle: Bundle | None = None
-        self.student: StudentRuntime | None = None
-        self.policy: DeferralPolicy | None = None
-        self.gate = TeacherGate(0, 0.0)
-        self.shadow = ShadowSampler(0.0)
-        self.writer: RecordWriter | None = None
-        self._writer_url: str | None = None
-        self._background: set[asyncio.Task] = set()
-        self.in_flight = 0
-        self.shadow_sent = 0
-        self.shadow_agreed = 0
         self.metrics = GatewayMetrics()
+        self.router = CascadeRouter(self._call_teacher, self.config, self.metrics)
+        self._writer_url: str | None = None
         self._swap_lock = threading.Lock()
-        # One worker thread: ONNX Runtime work leaves the event loop, which keeps accepting
-        # requests (and filling the next batch) while a batch runs.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="student")
-        defaults = StudentSettings()
-        self._student_batcher = OpportunisticBatcher(self._student_batch, defaults.max_batch_size,
-                                                     defaults.batch_wait_timeout_s)
         self.reconfigure(config or {})
         replica_state.gateway = self
         threading.Thread(target=self._follow_current, name="cascade-follow-current", daemon=True).start()
+
+    async def _call_teacher(self, texts: list[str]) -> tuple[np.ndarray, str | None]:
+        """The Teacher deployment behind the Serve handle; logits cross as a numpy array."""
+        answer = await self.teacher.classify.remote(texts)
+        return np.asarray(answer["logits"], dtype=np.float64), answer["version"]
+
+    # What the rest of the class and the v2 routes read; the router holds the one snapshot.
+    @property
+    def bundle(self) -> Bundle | None:
+        snapshot = self.router.snapshot
+        return None if snapshot is None else snapshot.bundle
+
+    @property
+    def policy(self) -> DeferralPolicy | None:
+        snapshot = self.router.snapshot
+        return None if snapshot is None else snapshot.policy
+
+    @property
+    def in_flight(self) -> int:
+        return self.router.in_flight
 
     # -- configuration -------------------------------------------------------------------------
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply a new ``GatewayConfig`` (Serve ``user_config``): thresholds, limits, budget, model."""
         config = GatewayConfig.model_validate(user_config)
-        self._use_bundle(Registry(config.model.home).load(config.model.version), config)
-        teacher = config.teacher
-        self.gate.configure(teacher.max_concurrency, teacher.max_share, teacher.max_texts_per_s,
-                            teacher.budget_window_s)
-        self.shadow = ShadowSampler(config.shadow.share)
-        self._student_batcher.max_batch_size = config.student.max_batch_size
-        self._student_batcher.wait_s = config.student.batch_wait_timeout_s
-        url = queue_url(config)
+        config.limits.admission_limit(self._max_ongoing_requests())  # refuse a headroom Ray's limit leaves no room for
+        self._use_bundle(Registry(config.model.home).load(config.model.version, verify=STUDENT_FILES), config)
+        self.router.configure(config)
+        url = queue_url(config.queue.url, config.model.home)
         if url != self._writer_url:
-            old = self.writer
-            self.writer = RecordWriter(lambda: open_queue(url), config.queue.buffer_size, config.queue.flush_interval_s,
-                                       retention=config.queue.retention)
+            old = self.router.writer
+            self.router.writer = RecordWriter(lambda: open_queue(url), config.queue.buffer_size,
+                                              config.queue.flush_interval_s, retention=config.queue.retention)
             self._writer_url = url
             if old is not None:
                 threading.Thread(target=old.close, daemon=True).start()
         self.config = config
 
+    @staticmethod
+    def _max_ongoing_requests() -> int:
+        """This deployment's live ``max_ongoing_requests`` (Serve updates the context on a config change)."""
+        from ray.serve.context import _get_internal_replica_context
+
+        context = _get_internal_replica_context()
+        if context is None:  # constructed outside a Serve replica
+            from serving.app import DEPLOYMENT_OPTIONS
+
+            return int(DEPLOYMENT_OPTIONS["Gateway"]["max_ongoing_requests"])
+        return int(context._deployment_config.max_ongoing_requests)
+
     def _use_bundle(self, bundle: Bundle, config: GatewayConfig) -> None:
-        """Swap student, bundle and policy together; requests in flight finish on the objects they hold."""
+        """Swap student, bundle and policy together as one frozen snapshot; requests in flight finish
+        on the snapshot they took."""
         with self._swap_lock:
-            student = self.student
-            if (student is None or self.bundle is None or bundle.version != self.bundle.version
+            current = self.router.snapshot
+            student = None if current is None else current.student
+            if (not isinstance(student, StudentRuntime) or current is None or bundle.version != current.bundle.version
                     or student.threads != config.student.threads):
                 student = StudentRuntime(bundle.student_path, bundle.tokenizer_dir, bundle.manifest.max_length,
                                          config.student.threads)
@@ -244,7 +266,7 @@ class Gateway:
                 temperature=manifest.temperatures.student,
                 measure=config.routing.confidence_measure or ConfidenceMeasure(manifest.confidence_measure),
             )
-            self.student, self.bundle, self.policy = student, bundle, policy
+            self.router.snapshot = Snapshot(bundle, student, policy)
 
     def _follow_current(self) -> None:
         """Swap to a newly promoted (or rolled back) version; loading happens off the event loop."""
@@ -256,18 +278,20 @@ class Gateway:
                 continue
             try:
                 current = Registry(config.model.home).current_version()
-                if current and self.bundle is not None and current != self.bundle.version:
-                    self._use_bundle(Registry(config.model.home).load(current), config)
+                bundle = self.bundle
+                if current and bundle is not None and current != bundle.version:
+                    self._use_bundle(Registry(config.model.home).load(current, verify=STUDENT_FILES), config)
             except Exception as exc:  # a bad promotion keeps the running model
                 logger.error("not swapping to the new current model: %s", exc)
 
     def _publish_state(self) -> None:
         """Gauges and queue counters, refreshed on the follow thread's beat (never on the request path)."""
-        bundle, policy, writer = self.bundle, self.policy, self.writer
-        if bundle is None or policy is None:
+        snapshot, writer = self.router.snapshot, self.router.writer
+        if snapshot is None:
             return
-        self.metrics.set_models(bundle.version, bundle.teacher_version)
-        self.metrics.routing_state(policy.threshold, self.gate.share(), self.config.teacher.max_share)
+        self.metrics.set_models(snapshot.bundle.version, snapshot.bundle.teacher_version)
+        self.metrics.routing_state(snapshot.policy.threshold, self.router.gate.share(), self.config.teacher.max_share)
+        self.metrics.breaker(self.router.breaker.state)
         if writer is not None:
             self.metrics.queue_counters(writer.written, writer.dropped, writer.retried, writer.backlog)
 
@@ -280,130 +304,22 @@ class Gateway:
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected)
 
     # -- inference ----------------------------------------------------------------------------
-    async def _student_batch(self, texts: list[str]) -> list[np.ndarray]:
-        student = self.student
-        assert student is not None
-        loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-        logits = await loop.run_in_executor(self._executor, student.logits, texts)
-        self.metrics.student.call(len(texts), time.perf_counter() - started)
-        return list(logits)
-
-    async def _student_answer(self, texts: list[str]) -> np.ndarray:
-        """Student logits. A lone one-text request runs inline: with nothing else in flight there is
-        nothing to batch with and no one for the event loop to serve meanwhile, and the batch queue and
-        worker-thread hop were the largest fixed costs on that path (docs/performance.md). Under load,
-        texts are batched on the worker thread so the event loop keeps accepting."""
-        student = self.student
-        assert student is not None
-        if len(texts) == 1 and self.in_flight <= 1:
-            # One turn of the loop first: requests that arrived together start and count themselves
-            # in, so a burst goes to the batch queue instead of running one by one on the loop.
-            await asyncio.sleep(0)
-        if len(texts) == 1 and self.in_flight <= 1:
-            started = time.perf_counter()
-            logits = student.logits(texts)
-            self.metrics.student.call(1, time.perf_counter() - started)
-            return logits
-        return np.stack(await asyncio.gather(*(self._student_batcher(t) for t in texts)))
-
-    async def _ask_teacher(self, texts: list[str], enforce_budget: bool) -> tuple[np.ndarray | None, str | None,
-                                                                                   DegradedReason | None]:
-        refusal = self.gate.try_acquire(len(texts), enforce_budget)
-        if refusal is not None:
-            return None, None, refusal
+    async def classify_texts(self, texts: list[str], route: Route, started: float | None = None
+                             ) -> list[dict[str, Any]]:
+        """The cascade for one request (``serving.cascade``); a request shed past its queue deadline is a 503."""
         try:
-            answer = await asyncio.wait_for(self.teacher.classify.remote(texts), self.config.teacher.timeout_s)
-            return np.asarray(answer["logits"], dtype=np.float64), answer["version"], None
-        except TimeoutError:
-            return None, None, DegradedReason.TIMEOUT
-        except Exception as exc:  # any failure of the teacher degrades, never fails, the request
-            logger.warning("teacher call failed: %s: %s", type(exc).__name__, exc)
-            return None, None, DegradedReason.ERROR
-        finally:
-            self.gate.release()
-
-    async def classify_texts(self, texts: list[str], route: Route) -> list[dict[str, Any]]:
-        bundle, policy = self.bundle, self.policy
-        assert bundle is not None and policy is not None
-        teacher_version, reason = bundle.teacher_version, None
-        if route is Route.TEACHER:
-            # Forced teacher: the student is not run unless the teacher fails (then it answers, degraded),
-            # so "teacher only" costs what the teacher alone costs.
-            teacher_logits, version, reason = await self._ask_teacher(texts, enforce_budget=False)
-            if teacher_logits is not None:
-                probs = softmax(teacher_logits, bundle.manifest.temperatures.teacher)
-                return [_result(bundle, row, float(np.max(row)), "teacher", None, version or teacher_version)
-                        for row in probs]
-        logits = await self._student_answer(texts)
-        decisions = policy.decide(logits, route)
-        for decision in decisions:
-            self.metrics.confidence.observe(decision.confidence)
-        if route is Route.AUTO:
-            self.gate.observe(len(texts))
-        deferred = [i for i, d in enumerate(decisions) if d.to_teacher]
-        teacher_probs: np.ndarray | None = None
-        if deferred and route is Route.AUTO:
-            teacher_logits, version, reason = await self._ask_teacher([texts[i] for i in deferred], enforce_budget=True)
-            if teacher_logits is not None:
-                teacher_probs = softmax(teacher_logits, bundle.manifest.temperatures.teacher)
-                teacher_version = version or teacher_version
-                self._record([texts[i] for i in deferred], np.stack([decisions[i].probabilities for i in deferred]),
-                             teacher_probs, bundle, teacher_version, "fallback")
-        if route is Route.AUTO:
-            shadowed = self.shadow.pick([i for i, d in enumerate(decisions) if not d.to_teacher])
-            if shadowed:
-                self._spawn(self._shadow([texts[i] for i in shadowed],
-                                         np.stack([decisions[i].probabilities for i in shadowed]), bundle))
-        results = []
-        teacher_row = {index: row for row, index in enumerate(deferred)}
-        for i, decision in enumerate(decisions):
-            if i in teacher_row and teacher_probs is not None:
-                probs = teacher_probs[teacher_row[i]]
-                results.append(_result(bundle, probs, float(np.max(probs)), "teacher", None, teacher_version))
-            else:
-                why = (reason.value if reason else None) if i in teacher_row else None
-                results.append(_result(bundle, decision.probabilities, decision.confidence, "student",
-                                       why, teacher_version, degraded=i in teacher_row))
-        return results
-
-    # -- the loop back to distillation -----------------------------------------------------------
-    def _record(self, texts: list[str], student_probs: np.ndarray, teacher_probs: np.ndarray, bundle: Bundle,
-                teacher_version: str, reason: Literal["fallback", "shadow"]) -> None:
-        """Hand the teacher's answers to the queue writer; never blocks (a full buffer is counted)."""
-        disagreements = int((student_probs.argmax(-1) != teacher_probs.argmax(-1)).sum())
-        if disagreements:
-            self.metrics.disagreements.inc(disagreements, tags={"source": reason})
-        writer = self.writer
-        if writer is None:
-            return
-        for record in teacher_answer_records(texts, student_probs, teacher_probs, bundle.version, teacher_version,
-                                             reason, self.config.queue.keep):
-            writer.submit(record)
-
-    def _spawn(self, coroutine) -> None:
-        task = asyncio.get_running_loop().create_task(coroutine)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _shadow(self, texts: list[str], student_probs: np.ndarray, bundle: Bundle) -> None:
-        """Ask the teacher about texts the student already answered; the request has gone."""
-        teacher_logits, version, _ = await self._ask_teacher(texts, enforce_budget=True)
-        if teacher_logits is None:
-            return
-        teacher_probs = softmax(teacher_logits, bundle.manifest.temperatures.teacher)
-        agreed = int((teacher_probs.argmax(-1) == student_probs.argmax(-1)).sum())
-        self.shadow_sent += len(texts)
-        self.shadow_agreed += agreed
-        self.metrics.shadowed(len(texts), agreed, self.config.cost)
-        self._record(texts, student_probs, teacher_probs, bundle, version or bundle.teacher_version, "shadow")
+            return await self.router.classify_texts(texts, route, started)
+        except Overloaded as exc:
+            raise ApiError(503, f"over capacity, retry later: {exc}",
+                           headers={"Retry-After": str(self.config.limits.retry_after_s)}) from exc
 
     def _answered(self, results: list[dict[str, Any]], started: float) -> None:
         teacher_texts = sum(1 for r in results if r["served_by"] == "teacher")
         self.metrics.answered(results, time.perf_counter() - started, self.config.cost, teacher_texts)
 
     def _admit(self) -> None:
-        if self.in_flight >= self.config.limits.max_in_flight:
+        """One admission limit, below Ray's ``max_ongoing_requests``: our JSON 503 fires first."""
+        if self.router.in_flight >= self.config.limits.admission_limit(self._max_ongoing_requests()):
             retry = str(self.config.limits.retry_after_s)
             raise ApiError(503, "over capacity, retry later", headers={"Retry-After": retry})
 
@@ -417,16 +333,26 @@ class Gateway:
             if len(text) > limits.max_chars:
                 raise ApiError(422, f"texts[{index}] has {len(text)} characters, over {limits.max_chars}")
 
-    async def _read_json(self, request: Request) -> Any:
+    async def _read_body(self, request: Request) -> bytes:
         body = await request.body()
         if len(body) > self.config.limits.max_body_bytes:
             raise ApiError(413, f"request body over {self.config.limits.max_body_bytes} bytes")
         if not body:
             raise ApiError(422, "empty request body: expected a JSON object")
+        return body
+
+    def _parse_json(self, body: bytes) -> Any:
+        """The one JSON parser of request bodies (the v2 binary extension parses only its JSON header).
+        Nesting is bounded first, so a deeply nested body is a 400, never a RecursionError (500)."""
+        if json_depth_exceeds(body):
+            raise ApiError(400, f"body nests JSON deeper than {MAX_JSON_DEPTH} levels")
         try:
             return json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"body is not valid JSON: {exc}") from exc
+
+    async def _read_json(self, request: Request) -> Any:
+        return self._parse_json(await self._read_body(request))
 
     # -- v1 -----------------------------------------------------------------------------------
     @api.post("/v1/classify", response_model=ClassifyResponse)
@@ -434,7 +360,7 @@ class Gateway:
         """Classify texts; `route` is auto (default), student or teacher."""
         started = time.perf_counter()
         self._admit()
-        self.in_flight += 1
+        self.router.in_flight += 1
         try:
             payload = await self._read_json(request)
             if isinstance(payload, dict) and "route" in payload and payload["route"] not in set(Route):
@@ -445,13 +371,13 @@ class Gateway:
                 raise ApiError(422, "invalid request",
                                json.loads(exc.json(include_url=False, include_input=False))) from exc
             self._check_texts(parsed.texts)
-            results = await self.classify_texts(parsed.texts, parsed.route)
+            results = await self.classify_texts(parsed.texts, parsed.route, started)
             self._answered(results, started)
             request_id = request.state.request_id
             logger.debug("request %s: %d texts, route %s", request_id, len(parsed.texts), parsed.route.value)
             return JSONResponse({"id": request_id, "results": results})
         finally:
-            self.in_flight -= 1
+            self.router.in_flight -= 1
 
     @api.get("/v1/status")
     async def status(self) -> dict[str, Any]:
@@ -462,11 +388,14 @@ class Gateway:
             "student_version": self.bundle.version,
             "threshold": self.policy.threshold,
             "confidence_measure": self.policy.measure.value,
-            "teacher_share": self.gate.share(),
+            "teacher_share": self.router.gate.share(),
+            "teacher_breaker": self.router.breaker.state.value,
             "in_flight": self.in_flight,
-            "shadow": {"texts": self.shadow_sent, "agreed": self.shadow_agreed},
-            "queue": None if self.writer is None else {"written": self.writer.written, "dropped": self.writer.dropped,
-                                                       "retried": self.writer.retried, "backlog": self.writer.backlog},
+            "admission_limit": self.config.limits.admission_limit(self._max_ongoing_requests()),
+            "shadow": {"texts": self.router.shadow_sent, "agreed": self.router.shadow_agreed},
+            "queue": None if (writer := self.router.writer) is None else {
+                "written": writer.written, "dropped": writer.dropped, "retried": writer.retried,
+                "backlog": writer.backlog},
             "config": self.config.model_dump(mode="json"),
         }
 
@@ -484,8 +413,12 @@ class Gateway:
             teacher = await asyncio.wait_for(self.teacher.state.remote(), 3.0)
         except Exception as exc:
             teacher = {"version": None, "ready": False, "error": f"{type(exc).__name__}: {exc}"[:200]}
-        ready = self.student is not None and teacher.get("version") is not None
+        ready = self.router.snapshot is not None and teacher.get("version") is not None
         return JSONResponse({"ready": ready, "teacher": teacher}, status_code=200 if ready else 503)
+
+    @api.get("/v2", response_model=ServerMetadata)
+    async def server_metadata(self) -> dict[str, Any]:
+        return oip.server_metadata()
 
     @api.get("/v2/models/{name}", response_model=ModelMetadata)
     async def model_metadata(self, name: str) -> dict[str, Any]:
@@ -496,54 +429,63 @@ class Gateway:
             "versions": [self.bundle.version],
             "platform": "cascade" if name == "cascade" else ("onnxruntime" if name == "student" else "pytorch"),
             "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
-            "outputs": [
-                {"name": "label", "datatype": "BYTES", "shape": [-1]},
-                {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(self.bundle.manifest.labels)]},
-                {"name": "served_by", "datatype": "BYTES", "shape": [-1]},
-                {"name": "degraded", "datatype": "BOOL", "shape": [-1]},
-            ],
+            "outputs": [{"name": output, "datatype": datatype,
+                         "shape": [-1, len(self.bundle.manifest.labels)] if output == "probabilities" else [-1]}
+                        for output, datatype in oip.OUTPUTS.items()],
         }
 
     @api.get("/v2/models/{name}/ready")
     async def model_ready(self, name: str) -> dict[str, Any]:
         self._model_route(name)
-        return {"name": name, "ready": self.student is not None}
+        return {"name": name, "ready": self.router.snapshot is not None}
 
     @api.post("/v2/models/{name}/infer", response_model=InferResponse)
     async def infer(self, name: str, request: Request) -> Response:
-        """KServe v2 inference with one BYTES input of texts."""
+        """KServe v2 inference with one BYTES input of texts, as JSON or binary tensor data."""
+        return await self._infer(name, request)
+
+    @api.get("/v2/models/{name}/versions/{version}", response_model=ModelMetadata)
+    async def model_version_metadata(self, name: str, version: str) -> dict[str, Any]:
+        self._served_version(name, version)
+        return await self.model_metadata(name)
+
+    @api.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_version_ready(self, name: str, version: str) -> dict[str, Any]:
+        self._served_version(name, version)
+        return await self.model_ready(name)
+
+    @api.post("/v2/models/{name}/versions/{version}/infer", response_model=InferResponse)
+    async def infer_version(self, name: str, version: str, request: Request) -> Response:
+        self._served_version(name, version)
+        return await self._infer(name, request)
+
+    async def _infer(self, name: str, request: Request) -> Response:
+        """Framing and encoding live in serving/oip.py; here: admission, the limits, and the cascade."""
         started = time.perf_counter()
         route = self._model_route(name)
         self._admit()
-        self.in_flight += 1
+        self.router.in_flight += 1
         try:
-            try:
-                parsed = InferRequest.model_validate(await self._read_json(request))
-            except ValidationError as exc:
-                raise ApiError(422, "invalid request",
-                               json.loads(exc.json(include_url=False, include_input=False))) from exc
-            tensor = parsed.inputs[0]
-            if len(parsed.inputs) != 1 or tensor.datatype != "BYTES":
-                raise ApiError(422, "expected exactly one input tensor with datatype BYTES")
-            texts = _flatten(tensor.data)
-            if not texts or not all(isinstance(t, str) for t in texts):
-                raise ApiError(422, "input data must be a non-empty list of strings")
-            self._check_texts(texts)
-            results = await self.classify_texts(texts, route)
+            header, binary = oip.split_body(await self._read_body(request), request.headers.get(oip.HEADER_LENGTH),
+                                             request.headers.get("content-encoding"))
+            call = oip.parse_request(self._parse_json(header), binary)
+            self._check_texts(call.texts)
+            results = await self.classify_texts(call.texts, route, started)
             self._answered(results, started)
-            assert self.bundle is not None
-            n, labels = len(results), self.bundle.manifest.labels
-            outputs = [
-                {"name": "label", "datatype": "BYTES", "shape": [n], "data": [r["label"] for r in results]},
-                {"name": "probabilities", "datatype": "FP32", "shape": [n, len(labels)],
-                 "data": [r["probabilities"][label] for r in results for label in labels]},
-                {"name": "served_by", "datatype": "BYTES", "shape": [n], "data": [r["served_by"] for r in results]},
-                {"name": "degraded", "datatype": "BOOL", "shape": [n], "data": [r["degraded"] for r in results]},
-            ]
-            return JSONResponse({"model_name": name, "model_version": self.bundle.version,
-                                 "id": parsed.id or request.state.request_id, "outputs": outputs})
+            # Version and label order from the answers themselves, so a model swap mid-request cannot mix them.
+            first = results[0]
+            encoded = oip.encode_response(name, first["student_version"], call.id or request.state.request_id,
+                                          call.outputs, oip.output_values(results, list(first["probabilities"])))
+            return Response(encoded.body, media_type=encoded.media_type, headers=encoded.headers)
         finally:
-            self.in_flight -= 1
+            self.router.in_flight -= 1
+
+    def _served_version(self, name: str, version: str) -> None:
+        self._model_route(name)
+        served = self.bundle.version if self.bundle is not None else None
+        if version != served:
+            raise ApiError(404, f"model {name!r} has no version {version!r}; the served version is {served!r}",
+                           {"served_version": served})
 
     def _model_route(self, name: str) -> Route:
         if name not in MODEL_ROUTES:

@@ -16,6 +16,7 @@ from typing import Any
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
+from routing.breaker import BREAKER_STATE_VALUE, BreakerState
 from serving.settings import CostSettings
 
 LATENCY_BUCKETS_S = [0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5,
@@ -32,6 +33,7 @@ EXPORTED = (
     "cascade_disagreements_total", "cascade_queue_written_total", "cascade_queue_dropped_total",
     "cascade_queue_retried_total", "cascade_queue_backlog", "cascade_cost_dollars_total",
     "cascade_teacher_only_cost_dollars_total", "cascade_model_info", "cascade_model_texts_total",
+    "cascade_teacher_breaker_state",
 )
 
 
@@ -87,6 +89,9 @@ class GatewayMetrics:
                                          "would have cost on the teacher alone.")
         self.model_info = Gauge("cascade_model_info", description="Served versions (value 1).",
                                 tag_keys=("student_version", "teacher_version"))
+        self.breaker_state = Gauge("cascade_teacher_breaker_state", description="The teacher circuit breaker in "
+                                   "this replica: 0 closed, 1 half open (probing), 2 open (deferred texts degrade "
+                                   "at once as teacher_unavailable).")
         self._queue_seen = {"written": 0, "dropped": 0, "retried": 0}
 
     def set_models(self, student_version: str, teacher_version: str) -> None:
@@ -110,6 +115,9 @@ class GatewayMetrics:
         if teacher_texts:
             self.cost.inc(teacher_texts * cost.teacher_per_1k / 1000, tags={"model": "teacher"})
         self.teacher_only_cost.inc(n * cost.teacher_per_1k / 1000)
+
+    def breaker(self, state: BreakerState) -> None:
+        self.breaker_state.set(BREAKER_STATE_VALUE[state])
 
     def refused(self, status: int) -> None:
         self.requests.inc(tags={"served_by": "none", "outcome": "overloaded" if status == 503 else "rejected"})

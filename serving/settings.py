@@ -50,6 +50,11 @@ class TeacherSettings(BaseModel):
     max_share: float = Field(0.3, ge=0.0, le=1.0, description="Largest share of auto-routed texts it may take.")
     max_texts_per_s: float | None = Field(None, gt=0.0, description="Optional cap on texts per second.")
     budget_window_s: float = Field(10.0, gt=0.0)
+    breaker_failures: int = Field(5, ge=1, description="Consecutive teacher failures or timeouts that open the "
+                                  "circuit breaker; while open, deferred texts are answered degraded "
+                                  "(`teacher_unavailable`) at once instead of waiting out `timeout_s`.")
+    breaker_cooldown_s: float = Field(5.0, gt=0.0, description="How long the breaker stays open before one probe "
+                                      "call is let through; its success closes the breaker.")
 
 
 class TeacherBatchSettings(BaseModel):
@@ -83,7 +88,11 @@ class ShadowSettings(BaseModel):
     """Shadow sampling: a share of student-served texts also goes to the teacher, after the answer."""
 
     share: float = Field(0.02, ge=0.0, le=1.0, description="Share of student-served texts also sent to the "
-                         "teacher off the critical path; counts against the teacher budget, skipped when refused.")
+                         "teacher off the critical path; uses only spare teacher capacity (see `max_concurrency`) "
+                         "and budget left by real deferrals, skipped when refused.")
+    max_concurrency: int = Field(1, ge=0, description="Shadow calls in flight per replica; a shadow call also needs "
+                                 "a free slot under `teacher.max_concurrency`, so it never makes a real deferral "
+                                 "wait or degrade.")
 
 
 class CostSettings(BaseModel):
@@ -99,8 +108,22 @@ class LimitSettings(BaseModel):
     max_texts: int = Field(64, ge=1)
     max_chars: int = Field(2000, ge=1)
     max_body_bytes: int = Field(256 * 1024, ge=1024)
-    max_in_flight: int = Field(512, ge=1, description="Requests in flight per replica before refusing.")
+    admission_headroom: int = Field(16, ge=1, description="The replica refuses with its own JSON 503 and "
+                                    "`Retry-After` once `max_ongoing_requests - admission_headroom` requests are in "
+                                    "flight, so it fires before Ray's queue limit (whose 503 is plain text).")
+    queue_deadline_s: float = Field(0.5, gt=0.0, description="A request that waited this long in the replica "
+                                    "before its student call started is answered 503 instead of run, so accepted "
+                                    "requests keep their latency under overload.")
     retry_after_s: int = Field(1, ge=1)
+
+    def admission_limit(self, max_ongoing_requests: int) -> int:
+        """Requests in flight per replica before refusing: below the deployment's ``max_ongoing_requests``,
+        derived from it so the two cannot disagree."""
+        limit = max_ongoing_requests - self.admission_headroom
+        if limit < 1:
+            raise ValueError(f"limits.admission_headroom ({self.admission_headroom}) must be below the Gateway "
+                             f"deployment's max_ongoing_requests ({max_ongoing_requests})")
+        return limit
 
 
 class GatewayConfig(BaseModel):
@@ -130,9 +153,10 @@ class AuthSettings(BaseModel):
         return cls(api_key=SecretStr(key) if key else None)
 
 
-def queue_url(config: GatewayConfig) -> str:
-    """The configured queue, or SQLite beside the registry (one file, for one node)."""
-    return config.queue.url or default_queue_url(config.model.home)
+def queue_url(configured: str | None, home: str | Path) -> str:
+    """The distillation queue, resolved the same way by the gateway and the CLI: ``CASCADE_QUEUE_URL``,
+    then the configured URL (``queue.url``), then SQLite beside the registry (one file, for one node)."""
+    return os.environ.get("CASCADE_QUEUE_URL") or configured or default_queue_url(home)
 
 
 # Every environment variable the product reads or sets, for the README's generated reference.
