@@ -24,33 +24,61 @@ from typing import Literal, Protocol
 import numpy as np
 from pydantic import BaseModel, Field
 
+Reason = Literal["fallback", "shadow", "feedback"]
+
 
 class DisagreementRecord(BaseModel):
-    """One text the teacher answered, with what both models said."""
+    """One text the teacher (or a person, for ``feedback``) answered, with what the models said.
+
+    ``sampling_probability`` is the chance this text had of being recorded (shadow: the shadow share;
+    fallback: 1.0, every deferred text is recorded), so records weighted by its inverse stand for all
+    traffic (routing/estimate.py). Fields added later have defaults, so older records still load.
+    """
 
     id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     time: float = Field(default_factory=time.time)
     text: str
     student_probs: list[float]
-    teacher_probs: list[float]
+    teacher_probs: list[float] | None = Field(None, description="None only for feedback the teacher did not answer.")
     student_version: str
     teacher_version: str
-    reason: Literal["fallback", "shadow"]
-    disagree: bool
+    reason: Reason
+    disagree: bool = False
+    sampling_probability: float = Field(1.0, gt=0.0, le=1.0)
+    threshold: float | None = Field(None, description="The live deferral threshold when it was recorded.")
+    confidence: float | None = Field(None, description="The student's calibrated confidence (the live measure).")
+    label: int | None = Field(None, ge=0, description="The true label (index into the manifest labels), "
+                              "from /v1/feedback; in training it outranks the teacher's answer.")
 
 
 def teacher_answer_records(texts: list[str], student_probs: np.ndarray, teacher_probs: np.ndarray,
                            student_version: str, teacher_version: str, reason: Literal["fallback", "shadow"],
-                           keep: Literal["disagreements", "all"]) -> list[DisagreementRecord]:
-    """One record per text the teacher answered; only disagreements unless ``keep`` is ``all``."""
+                           keep: Literal["disagreements", "all"], sampling_probability: float = 1.0,
+                           threshold: float | None = None, confidences: np.ndarray | None = None,
+                           agreement_share: float = 0.0,
+                           rng: np.random.Generator | None = None) -> list[DisagreementRecord]:
+    """One record per text the teacher answered, each with the probability it had of being kept.
+
+    Shadow answers are all kept (agreements too): they are the uniform sample every estimate rests on.
+    Fallback disagreements are always kept; fallback agreements all when ``keep`` is ``all``, else a
+    random ``agreement_share`` of them (the shadow share), weighted up, so an estimate still sees how
+    many deferred texts there were without the queue storing them all.
+    """
     disagree = student_probs.argmax(-1) != teacher_probs.argmax(-1)
-    return [
-        DisagreementRecord(text=text, student_probs=s.tolist(), teacher_probs=t.tolist(),
-                           student_version=student_version, teacher_version=teacher_version, reason=reason,
-                           disagree=bool(d))
-        for text, s, t, d in zip(texts, student_probs, teacher_probs, disagree, strict=True)
-        if d or keep == "all"
-    ]
+    scores = student_probs.max(-1) if confidences is None else confidences
+    draws = (rng or np.random.default_rng()).random(len(texts))
+    records = []
+    for text, s, t, d, c, draw in zip(texts, student_probs, teacher_probs, disagree, scores, draws, strict=True):
+        probability = sampling_probability
+        if reason == "fallback" and not d and keep == "disagreements":
+            if draw >= agreement_share:
+                continue
+            probability = sampling_probability * agreement_share
+        records.append(DisagreementRecord(
+            text=text, student_probs=s.tolist(), teacher_probs=t.tolist(), student_version=student_version,
+            teacher_version=teacher_version, reason=reason, disagree=bool(d), sampling_probability=probability,
+            threshold=threshold, confidence=float(c)))
+    return records
 
 
 class Leased(BaseModel):
@@ -256,7 +284,8 @@ class QueueSettings(BaseModel):
 
     url: str | None = Field(None, description="sqlite:///path/queue.db or redis://host:port/db; "
                             "None: sqlite in $CASCADE_HOME/queue.db.")
-    keep: Literal["disagreements", "all"] = "disagreements"
+    keep: Literal["disagreements", "all"] = Field("disagreements", description="Which fallback answers are kept; "
+                                                  "shadow answers are always all kept (the unbiased sample).")
     buffer_size: int = Field(10_000, ge=1, description="Records held in memory before writes are dropped.")
     flush_interval_s: float = Field(0.5, gt=0)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
