@@ -81,6 +81,20 @@ def teacher_answer_records(texts: list[str], student_probs: np.ndarray, teacher_
     return records
 
 
+def feedback_records(texts: list[str], labels: list[int], student_probs: np.ndarray, teacher_probs: np.ndarray | None,
+                     student_version: str, teacher_version: str, threshold: float,
+                     confidences: np.ndarray) -> list[DisagreementRecord]:
+    """Texts with true labels (``/v1/feedback``), with what both models said (teacher: None if it could not)."""
+    rows = [None] * len(texts) if teacher_probs is None else [t.tolist() for t in teacher_probs]
+    return [
+        DisagreementRecord(text=text, student_probs=s.tolist(), teacher_probs=t, student_version=student_version,
+                           teacher_version=teacher_version, reason="feedback", label=label,
+                           disagree=t is not None and int(np.argmax(s)) != int(np.argmax(t)),
+                           threshold=threshold, confidence=float(c))
+        for text, label, s, t, c in zip(texts, labels, student_probs, rows, confidences, strict=True)
+    ]
+
+
 class Leased(BaseModel):
     """A record handed to a consumer; ``token`` acknowledges it."""
 

@@ -20,7 +20,8 @@ uses. Records of another teacher or student version are not mixed in: they answe
 
 from __future__ import annotations
 
-from collections import Counter
+import threading
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
@@ -181,3 +182,50 @@ def summary(records: list[DisagreementRecord], level: float = 0.95) -> dict[str,
     accuracy = live_accuracy(records, level)
     out["live_accuracy"] = None if accuracy is None else {k: v.as_dict() for k, v in accuracy.items()}
     return out
+
+
+class LiveEvidence:
+    """The gateway's recent teacher answers in memory, for the live gauges.
+
+    Requests append (cheap, under a lock); the follow thread computes the estimate on its beat, so
+    the request path never pays for it. Bounded: the newest ``capacity`` answers of the newest
+    teacher and student versions (a swap starts the window again, since it answers another question).
+    """
+
+    def __init__(self, capacity: int = 20_000) -> None:
+        self._lock = threading.Lock()
+        self._answers: deque[tuple[float, float, float, int, int]] = deque(maxlen=capacity)
+        self._labelled: deque[tuple[int, int, int]] = deque(maxlen=capacity)
+        self._versions: tuple[str, str] | None = None
+
+    def _versions_seen(self, student_version: str, teacher_version: str) -> None:
+        if self._versions != (student_version, teacher_version):
+            self._answers.clear()
+            self._labelled.clear()
+            self._versions = (student_version, teacher_version)
+
+    def add(self, weights: np.ndarray, confidences: np.ndarray, threshold: float, student_labels: np.ndarray,
+            teacher_labels: np.ndarray, student_version: str, teacher_version: str) -> None:
+        with self._lock:
+            self._versions_seen(student_version, teacher_version)
+            self._answers.extend(zip(weights.tolist(), confidences.tolist(), [threshold] * len(weights),
+                                     student_labels.tolist(), teacher_labels.tolist(), strict=True))
+
+    def add_labelled(self, labels: list[int], cascade_labels: np.ndarray, student_version: str,
+                     teacher_version: str, student_labels: np.ndarray) -> None:
+        with self._lock:
+            self._versions_seen(student_version, teacher_version)
+            self._labelled.extend(zip(labels, cascade_labels.tolist(), student_labels.tolist(), strict=True))
+
+    def estimate(self, level: float = 0.95) -> tuple[Interval | None, Interval | None]:
+        """(live agreement with the teacher, live accuracy on labelled texts); None where there is no evidence."""
+        with self._lock:
+            answers, labelled = list(self._answers), list(self._labelled)
+        agreement = accuracy = None
+        if answers:
+            w, c, t, s, k = (np.array(column) for column in zip(*answers, strict=True))
+            agreement = live_agreement(Evidence(w, c, t, s.astype(np.int64), k.astype(np.int64)), level)
+        if labelled:
+            label, cascade, _ = (np.array(column) for column in zip(*labelled, strict=True))
+            accuracy = weighted_proportion(cascade == label, np.ones(len(label)), level)
+        return agreement, accuracy

@@ -22,10 +22,11 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from bundle.registry import Bundle
-from records.queue import teacher_answer_records
+from records.queue import feedback_records, teacher_answer_records
 from records.writer import RecordWriter
 from routing.breaker import CircuitBreaker
 from routing.confidence import softmax
+from routing.estimate import LiveEvidence
 from routing.policy import DeferralPolicy, DegradedReason, Route, ShadowSampler, TeacherGate
 from serving.batching import OpportunisticBatcher
 from serving.metrics import GatewayMetrics
@@ -86,6 +87,7 @@ class CascadeRouter:
         self.in_flight = 0
         self.shadow_sent = 0
         self.shadow_agreed = 0
+        self.evidence = LiveEvidence()  # the live agreement gauges' window
         self._background: set[asyncio.Task] = set()
         # One worker thread: ONNX Runtime work leaves the event loop, which keeps accepting
         # requests (and filling the next batch) while a batch runs.
@@ -210,12 +212,15 @@ class CascadeRouter:
                 teacher_probs = softmax(teacher_logits, bundle.manifest.temperatures.teacher)
                 teacher_version = version or teacher_version
                 self._record([texts[i] for i in deferred], np.stack([decisions[i].probabilities for i in deferred]),
-                             teacher_probs, bundle, teacher_version, "fallback")
+                             teacher_probs, bundle, teacher_version, "fallback", 1.0, policy.threshold,
+                             np.array([decisions[i].confidence for i in deferred]))
         if route is Route.AUTO:
             shadowed = self.shadow.pick([i for i, d in enumerate(decisions) if not d.to_teacher])
             if shadowed:
                 self._spawn(self._shadow([texts[i] for i in shadowed],
-                                         np.stack([decisions[i].probabilities for i in shadowed]), bundle))
+                                         np.stack([decisions[i].probabilities for i in shadowed]), bundle,
+                                         np.array([decisions[i].confidence for i in shadowed]), policy.threshold,
+                                         self.shadow.share))
         results = []
         teacher_row = {index: row for row, index in enumerate(deferred)}
         for i, decision in enumerate(decisions):
@@ -230,16 +235,21 @@ class CascadeRouter:
 
     # -- the loop back to distillation -----------------------------------------------------------
     def _record(self, texts: list[str], student_probs: np.ndarray, teacher_probs: np.ndarray, bundle: Bundle,
-                teacher_version: str, reason: Literal["fallback", "shadow"]) -> None:
-        """Hand the teacher's answers to the queue writer; never blocks (a full buffer is counted)."""
+                teacher_version: str, reason: Literal["fallback", "shadow"], sampling_probability: float,
+                threshold: float, confidences: np.ndarray) -> None:
+        """Hand the teacher's answers to the queue writer, each with the chance it had of being asked;
+        never blocks (a full buffer is counted). The live estimate's window gets every answer."""
         disagreements = int((student_probs.argmax(-1) != teacher_probs.argmax(-1)).sum())
         if disagreements:
             self.metrics.disagreements.inc(disagreements, tags={"source": reason})
+        self.evidence.add(np.full(len(texts), 1.0 / sampling_probability), confidences, threshold,
+                          student_probs.argmax(-1), teacher_probs.argmax(-1), bundle.version, teacher_version)
         writer = self.writer
         if writer is None:
             return
         for record in teacher_answer_records(texts, student_probs, teacher_probs, bundle.version, teacher_version,
-                                             reason, self.config.queue.keep):
+                                             reason, self.config.queue.keep, sampling_probability, threshold,
+                                             confidences, agreement_share=self.shadow.share):
             writer.submit(record)
 
     def _spawn(self, coroutine) -> None:
@@ -247,7 +257,8 @@ class CascadeRouter:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _shadow(self, texts: list[str], student_probs: np.ndarray, bundle: Bundle) -> None:
+    async def _shadow(self, texts: list[str], student_probs: np.ndarray, bundle: Bundle, confidences: np.ndarray,
+                      threshold: float, share: float) -> None:
         """Ask the teacher about texts the student already answered; the request has gone.
         Only spare teacher capacity is used (``TeacherGate.try_acquire_shadow``)."""
         teacher_logits, version, _ = await self._ask_teacher(texts, enforce_budget=True, shadow=True)
@@ -258,4 +269,31 @@ class CascadeRouter:
         self.shadow_sent += len(texts)
         self.shadow_agreed += agreed
         self.metrics.shadowed(len(texts), agreed, self.config.cost)
-        self._record(texts, student_probs, teacher_probs, bundle, version or bundle.teacher_version, "shadow")
+        self._record(texts, student_probs, teacher_probs, bundle, version or bundle.teacher_version, "shadow", share,
+                     threshold, confidences)
+
+    async def feedback(self, texts: list[str], labels: list[int]) -> int:
+        """Queue texts with their true labels (``/v1/feedback``), with both models' answers for the live
+        accuracy estimate; the teacher is asked outside the auto-traffic budget (feedback is small and
+        rare), and a teacher that cannot answer leaves its field empty. Returns the records queued."""
+        snapshot = self.snapshot
+        assert snapshot is not None, "no model loaded"
+        bundle, policy = snapshot.bundle, snapshot.policy
+        logits = await self._student_answer(snapshot, texts, self.clock() + self.config.limits.queue_deadline_s)
+        decisions = policy.decide(logits, Route.AUTO)
+        student_probs = np.stack([d.probabilities for d in decisions])
+        confidences = np.array([d.confidence for d in decisions])
+        teacher_logits, version, _ = await self._ask_teacher(texts, enforce_budget=False)
+        teacher_probs = None if teacher_logits is None else softmax(teacher_logits,
+                                                                   bundle.manifest.temperatures.teacher)
+        teacher_version = version or bundle.teacher_version
+        records = feedback_records(texts, labels, student_probs, teacher_probs, bundle.version, teacher_version,
+                                   policy.threshold, confidences)
+        deferred = confidences < policy.threshold
+        cascade = student_probs.argmax(-1) if teacher_probs is None else np.where(
+            deferred, teacher_probs.argmax(-1), student_probs.argmax(-1))
+        self.evidence.add_labelled(labels, cascade, bundle.version, teacher_version, student_probs.argmax(-1))
+        writer = self.writer
+        if writer is None:
+            raise RuntimeError("no distillation queue configured")
+        return sum(writer.submit(record) for record in records)

@@ -28,7 +28,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from bundle.registry import STUDENT_FILES, Bundle, Registry
+from bundle.registry import MANIFEST, STUDENT_FILES, Bundle, Registry
 from bundle.runtime import StudentRuntime
 from records.queue import open_queue
 from records.writer import RecordWriter
@@ -41,6 +41,8 @@ from serving.schemas import (
     ClassifyRequest,
     ClassifyResponse,
     ErrorResponse,
+    FeedbackRequest,
+    FeedbackResponse,
     InferResponse,
     ModelMetadata,
     ServerMetadata,
@@ -279,10 +281,22 @@ class Gateway:
             try:
                 current = Registry(config.model.home).current_version()
                 bundle = self.bundle
-                if current and bundle is not None and current != bundle.version:
+                # A new version, or the same version with a rewritten manifest (`cascade calibrate` saves
+                # a new threshold through Registry.save_manifest): both swap, the latter without reloading
+                # the student (same version, same threads).
+                if current and bundle is not None and (current != bundle.version
+                                                       or self._manifest_changed(bundle)):
                     self._use_bundle(Registry(config.model.home).load(current, verify=STUDENT_FILES), config)
             except Exception as exc:  # a bad promotion keeps the running model
                 logger.error("not swapping to the new current model: %s", exc)
+
+    @staticmethod
+    def _manifest_changed(bundle: Bundle) -> bool:
+        """The served version's manifest on disk differs from the one loaded (one small file read per beat)."""
+        try:
+            return type(bundle.manifest).model_validate_json((bundle.path / MANIFEST).read_text()) != bundle.manifest
+        except (OSError, ValueError):
+            return False
 
     def _publish_state(self) -> None:
         """Gauges and queue counters, refreshed on the follow thread's beat (never on the request path)."""
@@ -292,6 +306,7 @@ class Gateway:
         self.metrics.set_models(snapshot.bundle.version, snapshot.bundle.teacher_version)
         self.metrics.routing_state(snapshot.policy.threshold, self.router.gate.share(), self.config.teacher.max_share)
         self.metrics.breaker(self.router.breaker.state)
+        self.metrics.live_estimates(*self.router.evidence.estimate())
         if writer is not None:
             self.metrics.queue_counters(writer.written, writer.dropped, writer.retried, writer.backlog)
 
@@ -376,6 +391,39 @@ class Gateway:
             request_id = request.state.request_id
             logger.debug("request %s: %d texts, route %s", request_id, len(parsed.texts), parsed.route.value)
             return JSONResponse({"id": request_id, "results": results})
+        finally:
+            self.router.in_flight -= 1
+
+    @api.post("/v1/feedback", response_model=FeedbackResponse)
+    async def feedback(self, request: Request) -> Response:
+        """Texts with their true labels: queued as labelled records (they outrank the teacher in training) and
+        counted in the live accuracy estimate. Same authentication, limits and errors as /v1/classify."""
+        self._admit()
+        self.router.in_flight += 1
+        try:
+            try:
+                parsed = FeedbackRequest.model_validate(await self._read_json(request))
+            except ValidationError as exc:
+                raise ApiError(422, "invalid request",
+                               json.loads(exc.json(include_url=False, include_input=False))) from exc
+            self._check_texts(parsed.texts)
+            if len(parsed.labels) != len(parsed.texts):
+                raise ApiError(422, f"{len(parsed.texts)} texts but {len(parsed.labels)} labels: give one label "
+                               "per text")
+            assert self.bundle is not None
+            names = self.bundle.manifest.labels
+            unknown = sorted({label for label in parsed.labels if label not in names})
+            if unknown:
+                raise ApiError(422, f"unknown labels {unknown}; labels: {names}")
+            try:
+                queued = await self.router.feedback(parsed.texts, [names.index(label) for label in parsed.labels])
+            except Overloaded as exc:
+                raise ApiError(503, f"over capacity, retry later: {exc}",
+                               headers={"Retry-After": str(self.config.limits.retry_after_s)}) from exc
+            if queued < len(parsed.texts):
+                raise ApiError(503, f"queue buffer full: {queued} of {len(parsed.texts)} texts queued, send the "
+                               "rest again later", headers={"Retry-After": str(self.config.limits.retry_after_s)})
+            return JSONResponse({"id": request.state.request_id, "queued": queued})
         finally:
             self.router.in_flight -= 1
 

@@ -33,6 +33,7 @@ EXPORTED = (
     "cascade_disagreements_total", "cascade_queue_written_total", "cascade_queue_dropped_total",
     "cascade_queue_retried_total", "cascade_queue_backlog", "cascade_cost_dollars_total",
     "cascade_teacher_only_cost_dollars_total", "cascade_model_info", "cascade_model_texts_total",
+    "cascade_live_agreement", "cascade_live_accuracy", "cascade_live_evidence",
     "cascade_teacher_breaker_state",
 )
 
@@ -92,6 +93,13 @@ class GatewayMetrics:
         self.breaker_state = Gauge("cascade_teacher_breaker_state", description="The teacher circuit breaker in "
                                    "this replica: 0 closed, 1 half open (probing), 2 open (deferred texts degrade "
                                    "at once as teacher_unavailable).")
+        self.live_agreement = Gauge("cascade_live_agreement", description="The cascade's agreement with the "
+                                    "teacher on recent traffic (inverse-propensity estimate from this replica's "
+                                    "shadow and fallback answers), with its 95% interval.", tag_keys=("stat",))
+        self.live_accuracy = Gauge("cascade_live_accuracy", description="The cascade's accuracy on texts with true "
+                                   "labels from /v1/feedback, with its 95% interval.", tag_keys=("stat",))
+        self.live_evidence = Gauge("cascade_live_evidence", description="Teacher answers (records) and effective "
+                                   "sample size behind the live agreement estimate.", tag_keys=("stat",))
         self._queue_seen = {"written": 0, "dropped": 0, "retried": 0}
 
     def set_models(self, student_version: str, teacher_version: str) -> None:
@@ -132,6 +140,16 @@ class GatewayMetrics:
         self.threshold.set(threshold)
         self.teacher_share.set(share)
         self.teacher_budget.set(budget)
+
+    def live_estimates(self, agreement: Any, accuracy: Any) -> None:
+        """``routing.estimate.Interval``s (or None: no evidence yet, nothing set, the series goes stale)."""
+        for gauge, interval in ((self.live_agreement, agreement), (self.live_accuracy, accuracy)):
+            if interval is not None:
+                for stat in ("value", "low", "high"):
+                    gauge.set(getattr(interval, stat), tags={"stat": stat})
+        if agreement is not None:
+            self.live_evidence.set(agreement.records, tags={"stat": "records"})
+            self.live_evidence.set(agreement.effective_n, tags={"stat": "effective_n"})
 
     def queue_counters(self, written: int, dropped: int, retried: int, backlog: int) -> None:
         """Turn the writer's running totals into counter increments."""

@@ -16,6 +16,20 @@ class ClassifyRequest(BaseModel):
     route: Route = Field(Route.AUTO, description="auto: student, teacher when unsure; or force one model.")
 
 
+class FeedbackRequest(BaseModel):
+    """Texts with their true labels (label names of the served bundle), e.g. from a human review queue."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    texts: list[str] = Field(min_length=1)
+    labels: list[str] = Field(min_length=1, description="One label name per text, in the same order.")
+
+
+class FeedbackResponse(BaseModel):
+    id: str
+    queued: int
+
+
 class Result(BaseModel):
     label: str
     probabilities: dict[str, float]
