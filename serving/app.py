@@ -25,8 +25,9 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve import Application
 
+from serving.deployment import AutoscalingSettings, serve_deployment
 from serving.gateway import Gateway
-from serving.settings import GatewayConfig, TeacherBatchSettings
+from serving.settings import GatewayConfig, TeacherDeploymentConfig
 from serving.teacher import Teacher
 
 APP_NAME = "cascade"
@@ -43,6 +44,13 @@ DEPLOYMENT_OPTIONS: dict[str, dict[str, Any]] = {
                 "health_check_period_s": 5},
 }
 
+# Serve autoscaling per deployment, off by default (on 2 cores another replica only adds contention):
+# `cascade serve --autoscale`, `cascade serve-config --autoscale` or the chart's serve.<name>.autoscaling.enabled.
+AUTOSCALING: dict[str, AutoscalingSettings] = {
+    "Gateway": AutoscalingSettings(min_replicas=1, max_replicas=4, target_ongoing_requests=16.0),
+    "Teacher": AutoscalingSettings(min_replicas=1, max_replicas=4, target_ongoing_requests=8.0),
+}
+
 GatewayDeployment = serve.deployment(Gateway, name="Gateway", **DEPLOYMENT_OPTIONS["Gateway"])
 TeacherDeployment = serve.deployment(Teacher, name="Teacher", **DEPLOYMENT_OPTIONS["Teacher"])
 
@@ -55,13 +63,21 @@ class AppArgs(BaseModel):
 
 
 def teacher_user_config(model: dict[str, Any]) -> dict[str, Any]:
-    """The Teacher deployment's ``user_config`` (``TeacherDeploymentConfig``): the gateway's model, default batching."""
-    return {"model": dict(model), "batch": TeacherBatchSettings().model_dump()}
+    """The Teacher deployment's ``user_config`` (``TeacherDeploymentConfig``): the gateway's model, the defaults."""
+    return {"model": dict(model), **TeacherDeploymentConfig().model_dump(mode="json", exclude={"model"})}
 
 
-def default_serve_config(port: int = 8000) -> dict[str, Any]:
-    """The Serve config `cascade serve` deploys; ``deploy/serve.yaml`` is this, written out."""
+def default_serve_config(port: int = 8000, autoscale: bool = False) -> dict[str, Any]:
+    """The Serve config `cascade serve` deploys; ``deploy/serve.yaml`` is this, written out.
+
+    ``autoscale`` puts each deployment's ``AUTOSCALING`` config in place of its fixed ``num_replicas``.
+    """
     gateway = GatewayConfig().model_dump(mode="json", exclude={"model": {"home"}})
+
+    def deployment(name: str, user_config: dict[str, Any]) -> dict[str, Any]:
+        autoscaling = AUTOSCALING[name].model_copy(update={"enabled": autoscale})
+        return serve_deployment(name, copy.deepcopy(DEPLOYMENT_OPTIONS[name]), autoscaling, user_config)
+
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": port},
@@ -72,9 +88,8 @@ def default_serve_config(port: int = 8000) -> dict[str, Any]:
             "import_path": "serving.app:build_app",
             "args": {"teacher_threads": 1},
             "deployments": [
-                {"name": "Gateway", **copy.deepcopy(DEPLOYMENT_OPTIONS["Gateway"]), "user_config": gateway},
-                {"name": "Teacher", **copy.deepcopy(DEPLOYMENT_OPTIONS["Teacher"]),
-                 "user_config": teacher_user_config(gateway["model"])},
+                deployment("Gateway", gateway),
+                deployment("Teacher", teacher_user_config(gateway["model"])),
             ],
         }],
     }

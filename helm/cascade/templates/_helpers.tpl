@@ -80,6 +80,8 @@ capabilities:
   value: "1"
 {{- end -}}
 
+{{/* Volumes of a pod: the models, the API key, /tmp, and (only where "queue" is true) the SQLite queue.
+Ray workers never get the queue volume: it is ReadWriteOnce, and SQLite holds one node. */}}
 {{- define "cascade.volumeMounts" -}}
 - name: models
   mountPath: /data/models
@@ -88,7 +90,7 @@ capabilities:
   readOnly: true
 - name: tmp
   mountPath: /tmp
-{{- if eq .Values.queue.backend "sqlite" }}
+{{- if and .queue (eq .root.Values.queue.backend "sqlite") }}
 - name: queue
   mountPath: /data/queue
 {{- end }}
@@ -97,23 +99,24 @@ capabilities:
 {{- define "cascade.volumes" -}}
 - name: models
   persistentVolumeClaim:
-    claimName: {{ include "cascade.modelsClaim" . }}
+    claimName: {{ include "cascade.modelsClaim" .root }}
 - name: api-key
   secret:
-    secretName: {{ include "cascade.apiKeySecret" . }}
+    secretName: {{ include "cascade.apiKeySecret" .root }}
     items:
       - key: api-key
         path: api-key
 - name: tmp
   emptyDir: {}
-{{- if eq .Values.queue.backend "sqlite" }}
+{{- if and .queue (eq .root.Values.queue.backend "sqlite") }}
 - name: queue
   persistentVolumeClaim:
-    claimName: {{ include "cascade.fullname" . }}-queue
+    claimName: {{ include "cascade.fullname" .root }}-queue
 {{- end }}
 {{- end -}}
 
-{{/* Copies the bundle from S3-compatible storage into the models volume before Ray starts. */}}
+{{/* Before Ray starts: the bundle copied from S3-compatible storage, or (models.source build) a wait until the
+models Job has made the registry current. */}}
 {{- define "cascade.modelsInit" -}}
 {{- if eq .Values.models.source "s3" }}
 initContainers:
@@ -135,7 +138,95 @@ initContainers:
         mountPath: /data/models
       - name: tmp
         mountPath: /tmp
+{{- else if eq .Values.models.source "build" }}
+initContainers:
+  - name: wait-for-models
+    image: {{ include "cascade.image" . }}
+    imagePullPolicy: {{ .Values.image.pullPolicy }}
+    command: ["sh", "-c", "until [ -s /data/models/registry/current ]; do echo waiting for the models Job; sleep 10; done"]
+    securityContext:
+      {{- include "cascade.containerSecurityContext" . | nindent 6 }}
+    volumeMounts:
+      - name: models
+        mountPath: /data/models
+        readOnly: true
 {{- end }}
+{{- end -}}
+
+{{/* One Ray worker group: CPU workers, or GPU workers ("gpus" > 0: nvidia.com/gpu limits, their own
+nodeSelector and tolerations). "ray_resources" become Ray custom resources (rayStartParams resources), which
+serve.<deployment>.ray_actor_options.resources can pin replicas to. */}}
+{{- define "cascade.workerGroup" -}}
+{{- $root := .root -}}
+{{- $resources := deepCopy .group.resources -}}
+{{- if gt (int .gpus) 0 -}}
+{{- $_ := set $resources "limits" (merge (dict "nvidia.com/gpu" (int .gpus)) ($resources.limits | default dict)) -}}
+{{- end -}}
+- groupName: {{ .name }}
+  replicas: {{ .group.replicas }}
+  minReplicas: {{ .group.minReplicas }}
+  maxReplicas: {{ max .group.maxReplicas .group.replicas }}
+  rayStartParams:
+    metrics-export-port: {{ $root.Values.ray.metricsPort | quote }}
+    {{- with .group.rayResources }}
+    resources: {{ toJson . | quote | squote }}
+    {{- end }}
+  template:
+    metadata:
+      labels:
+        {{- include "cascade.selectorLabels" $root | nindent 8 }}
+        cascade.io/role: worker
+        cascade.io/group: {{ .name }}
+    spec:
+      securityContext:
+        {{- include "cascade.podSecurityContext" $root | nindent 8 }}
+      {{- with $root.Values.imagePullSecrets }}
+      imagePullSecrets:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- include "cascade.modelsInit" $root | nindent 6 }}
+      containers:
+        - name: ray-worker
+          image: {{ include "cascade.image" $root }}
+          imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+          ports:
+            - {containerPort: {{ int $root.Values.serve.http_options.port }}, name: serve}
+            - {containerPort: {{ int $root.Values.ray.metricsPort }}, name: metrics}
+          env:
+            {{- include "cascade.env" $root | nindent 12 }}
+            {{- include "cascade.fastPathEnv" $root | nindent 12 }}
+          resources:
+            {{- toYaml $resources | nindent 12 }}
+          securityContext:
+            {{- include "cascade.containerSecurityContext" $root | nindent 12 }}
+          volumeMounts:
+            {{- include "cascade.volumeMounts" (dict "root" $root "queue" false) | nindent 12 }}
+      volumes:
+        {{- include "cascade.volumes" (dict "root" $root "queue" false) | nindent 8 }}
+      {{- with .nodeSelector }}
+      nodeSelector:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with .tolerations }}
+      tolerations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $root.Values.affinity }}
+      affinity:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+{{- end -}}
+
+{{/* A Serve deployment from serve.<name>: Serve's own fields, with autoscaling_config in place of
+num_replicas when autoscaling.enabled (Serve refuses both). */}}
+{{- define "cascade.serveDeployment" -}}
+{{- $deployment := omit (deepCopy .values) "autoscaling" -}}
+{{- if .values.autoscaling.enabled -}}
+{{- $deployment = omit $deployment "num_replicas" -}}
+{{- $_ := set $deployment "autoscaling_config" (omit .values.autoscaling "enabled") -}}
+{{- end -}}
+{{- $_ := set $deployment "name" .name -}}
+{{- toYaml $deployment -}}
 {{- end -}}
 
 {{/* Serve's fast path (HAProxy ingress, throughput-optimised), on every Ray node. */}}
