@@ -96,7 +96,8 @@ def calibrate(
     target_agreement: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Smallest teacher share whose answers agree with the teacher this often.")] = 0.97,
 ) -> None:
-    """Pick the deferral threshold on val and write it into the bundle's manifest for serving to read."""
+    """Pick the deferral threshold (on val, or on live traffic) and write it into the bundle's manifest; a
+    running gateway picks it up on its next poll."""
     import numpy as np
 
     from bundle.registry import BundleError, Registry
@@ -136,10 +137,20 @@ def versions(home: Home = None) -> None:
     for version in registry.versions():
         typer.echo(f"{'*' if version == current else ' '} {version}")
 
+    from_queue: Annotated[bool, typer.Option("--from-queue", help="Calibrate on recent live traffic (the queue's "
+                                             "shadow and fallback records) instead of val: the target must hold on "
+                                             "the 95% interval's lower bound.")] = False,
+    queue: Annotated[str | None, typer.Option("--queue", help="Queue URL (with --from-queue; default as for "
+                                              "`cascade queue`).")] = None,
+    since: Annotated[str | None, typer.Option(help="With --from-queue: only records this recent (e.g. 24h).")] = None,
 
 @app.command()
 def promote(version: str, home: Home = None) -> None:
     """Make VERSION current (checksums verified first); a running gateway swaps to it."""
+    if from_queue:
+        _calibrate_from_queue(_home(home), version, queue, target_agreement, _duration_s(since) if since else None)
+        return
+
     from bundle.registry import BundleError, Registry
 
     try:
@@ -167,6 +178,38 @@ FAST_PATH_ENV = {
     # gRPC data plane between deployments, request-path logs buffered, GC frozen after start-up.
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
 }
+def _calibrate_from_queue(home: Path, version: str | None, queue: str | None, target: float,
+                          since_s: float | None) -> None:
+    """The cheapest threshold whose live agreement's 95% lower bound reaches the target, saved in the manifest."""
+    import time
+
+    from bundle.registry import BundleError, Registry
+    from routing.estimate import agreement_curve, evidence_from_records, threshold_for_target
+
+    registry = Registry(home)
+    try:
+        bundle = registry.load(version)
+    except BundleError as exc:
+        _fail(str(exc))
+    horizon = time.time() - since_s if since_s else 0.0
+    records = [r for r in _open_queue(queue, home).export() if r.time >= horizon]
+    evidence = evidence_from_records(records, teacher_version=bundle.teacher_version, student_version=bundle.version)
+    if len(evidence) == 0:
+        _fail(f"no shadow or fallback records of student {bundle.version} and teacher {bundle.teacher_version} "
+              f"in the queue ({len(records)} records looked at): serve traffic with shadow.share > 0 first")
+    chosen = threshold_for_target(agreement_curve(evidence), target)
+    if chosen is None:
+        _fail(f"no threshold reaches {target} agreement on the lower bound with {len(evidence)} records: "
+              "collect more shadow traffic or lower the target")
+    previous = bundle.manifest.threshold
+    registry.save_manifest(bundle, bundle.manifest.model_copy(update={"threshold": chosen.threshold}))
+    typer.echo(json.dumps({"version": bundle.version, "source": "queue", "records": len(evidence),
+                           "previous_threshold": previous, "threshold": chosen.threshold,
+                           "live_teacher_share": chosen.teacher_share,
+                           "live_agreement_with_teacher": chosen.agreement.as_dict(),
+                           "note": "a gateway with routing.threshold set keeps its override"}, indent=2))
+
+
 # On a 2-core machine model loading starves the proxy's first health checks; give it time.
 SLOW_START_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
 
@@ -187,8 +230,11 @@ def _open_queue(url: str | None, home: Path):
 
 @queue_app.command("stats")
 def queue_stats(queue: QueueUrl = None, home: Home = None) -> None:
-    """Backlog, leased records and the oldest record's age, as JSON."""
-    typer.echo(_open_queue(queue, _home(home)).stats().model_dump_json(indent=2))
+    """Backlog, leased records, the oldest record's age, and the live agreement (and accuracy) estimates, as JSON."""
+    from routing.estimate import summary
+
+    backend = _open_queue(queue, _home(home))
+    typer.echo(json.dumps(backend.stats().model_dump() | {"estimate": summary(list(backend.export()))}, indent=2))
 
 
 @queue_app.command("export")

@@ -136,3 +136,41 @@ def test_live_accuracy_from_labelled_records() -> None:
     assert accuracy["cascade"].value == pytest.approx(3 / 4)  # the deferred 0.6 text takes the teacher's right answer
     assert accuracy["teacher"].value == pytest.approx(3 / 3)
     assert accuracy["cascade"].low < 0.75 < accuracy["cascade"].high
+
+
+def test_calibrate_from_queue_saves_the_lower_bound_threshold_and_queue_stats_prints_the_estimate(
+        tiny_home_copy) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from bundle.registry import Registry
+    from cli.main import app
+    from records.queue import SqliteQueue
+
+    bundle = Registry(tiny_home_copy).load()
+    rng = np.random.default_rng(11)
+    student_probs, teacher_label, confidence = simulated_stream(rng, 6000)
+    records = record_stream(rng, student_probs, teacher_label, confidence, 0.2, "disagreements")
+    records = [r.model_copy(update={"student_version": bundle.version, "teacher_version": bundle.teacher_version})
+               for r in records]
+    queue_url = f"sqlite:///{tiny_home_copy / 'queue.db'}"
+    SqliteQueue(tiny_home_copy / "queue.db").append(records)
+    runner = CliRunner()
+    result = runner.invoke(app, ["calibrate", "--from-queue", "--home", str(tiny_home_copy), "--queue", queue_url,
+                                 "--target-agreement", "0.95"])
+    assert result.exit_code == 0, result.output
+    chosen = json.loads(result.output)
+    assert chosen["live_agreement_with_teacher"]["low"] >= 0.95
+    assert Registry(tiny_home_copy).load().manifest.threshold == chosen["threshold"]
+    truth = true_agreement(student_probs, teacher_label, confidence, chosen["threshold"])
+    assert truth >= 0.95 - 0.01  # chosen on the lower bound: the real agreement holds the target
+    stats = runner.invoke(app, ["queue", "stats", "--home", str(tiny_home_copy), "--queue", queue_url])
+    assert stats.exit_code == 0, stats.output
+    estimate = json.loads(stats.output)["estimate"]
+    assert estimate["records_used"] == len(records)
+    live = estimate["live_agreement"]
+    assert live["low"] <= true_agreement(student_probs, teacher_label, confidence, THRESHOLD) <= live["high"]
+    refused = runner.invoke(app, ["calibrate", "--from-queue", "--home", str(tiny_home_copy), "--queue", queue_url,
+                                  "--target-agreement", "1.0"])
+    assert refused.exit_code == 1 and "no threshold reaches" in refused.output
