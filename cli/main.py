@@ -316,8 +316,14 @@ def serve(
     num_cpus: Annotated[int | None, typer.Option(help="CPUs of the local Ray (default: all).")] = None,
     metrics_port: Annotated[int, typer.Option(help="Ray's Prometheus metrics port on this node (every replica's "
                                               "cascade_* metrics; deploy/prometheus.yml scrapes it).")] = 8080,
+    address: Annotated[str | None, typer.Option(
+        help="Deploy on a running Ray cluster (`ray start --head`, e.g. 127.0.0.1:6379) instead of starting one; "
+        "its nodes need the fast path's RAY_SERVE_* environment themselves (or use --no-fast).")] = None,
+    autoscale: Annotated[bool, typer.Option(
+        help="Serve autoscaling (serving/app.py AUTOSCALING) instead of fixed replicas; the built-in config only.")
+    ] = False,
 ) -> None:
-    """Start a local Ray and the gateway on the current bundle; blocks until interrupted.
+    """Start a local Ray (or join one with --address) and the gateway on the current bundle; blocks until interrupted.
 
     The app is deployed from a Serve config, as `serve run deploy/serve.yaml` would, so a later
     `serve deploy` of a changed config reconfigures the running replicas without a restart.
@@ -336,7 +342,7 @@ def serve(
         _fail(f"{exc} (run `make models`)")
     from serving.app import default_serve_config
 
-    serve_config = yaml.safe_load(config.read_text()) if config else default_serve_config(port)
+    serve_config = yaml.safe_load(config.read_text()) if config else default_serve_config(port, autoscale=autoscale)
     serve_config.setdefault("http_options", {})["port"] = port
     for key, value in SLOW_START_ENV.items():
         os.environ.setdefault(key, value)
@@ -349,10 +355,18 @@ def serve(
     from ray.serve._private import api as serve_api
     from ray.serve.schema import ServeDeploySchema
 
+    if address:
+        # Replicas on a cluster started elsewhere do not inherit this shell's environment: give them the home.
+        for application in serve_config["applications"]:
+            runtime_env = application.setdefault("runtime_env", {})
+            runtime_env.setdefault("env_vars", {})["CASCADE_HOME"] = str(home)
     schema = ServeDeploySchema.model_validate(serve_config)
-    # The dashboard (127.0.0.1 only) carries Serve's REST API: `serve status`, `serve deploy`.
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             _metrics_export_port=metrics_port)
+    if address:
+        ray.init(address=address)
+    else:
+        # The dashboard (127.0.0.1 only) carries Serve's REST API: `serve status`, `serve deploy`.
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 _metrics_export_port=metrics_port)
     client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
                                    global_logging_config=schema.logging_config)
     client.deploy_apps(schema, _blocking=False)
@@ -448,13 +462,24 @@ def reference(write: Annotated[bool, typer.Option("--write", help="Rewrite the R
 
 
 @app.command("serve-config")
-def serve_config_command(port: Annotated[int, typer.Option(help="HTTP port.")] = 8000) -> None:
+def serve_config_command(port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+                         autoscale: Annotated[bool, typer.Option(
+                             help="With autoscaling_config in place of num_replicas.")] = False) -> None:
     """Print the built-in Serve config (the source of deploy/serve.yaml)."""
     import yaml
 
     from serving.app import default_serve_config
 
-    typer.echo(yaml.safe_dump(default_serve_config(port), sort_keys=False), nl=False)
+    typer.echo(yaml.safe_dump(default_serve_config(port, autoscale=autoscale), sort_keys=False), nl=False)
+
+
+@app.command()
+def generate(check: Annotated[bool, typer.Option("--check", help="Only report stale files (exit 1).")] = False
+             ) -> None:
+    """Rewrite deploy/serve.yaml and the Helm chart's values.yaml and values.schema.json from the settings models."""
+    from serving import generate as generated
+
+    raise typer.Exit(code=generated.main(["--check"] if check else []))
 
 @app.command()
 def bench(
