@@ -33,12 +33,41 @@ def _fail(message: str) -> None:
 def build(
     home: Home = None,
     tiny: Tiny = False,
+    config: Annotated[Path | None, typer.Option("--config", help="Build configuration YAML (every setting; "
+                                                "`--print-config` shows them). The flags below override it.")] = None,
+    print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved configuration as YAML "
+                                               "and exit (with no other option: the defaults).")] = False,
+    data: Annotated[Path | None, typer.Option("--data", help="Your labelled texts: CSV, TSV, JSONL (Parquet "
+                                              "with pyarrow). Default: the movie-review snippets.")] = None,
+    val: Annotated[Path | None, typer.Option("--val", help="Your own validation file (else split from --data).")
+                   ] = None,
+    test: Annotated[Path | None, typer.Option("--test", help="Your own test file (else split from --data).")] = None,
+    text_column: Annotated[str | None, typer.Option(help="Column of the texts (default: text).")] = None,
+    label_column: Annotated[str | None, typer.Option(help="Column of the labels (default: label).")] = None,
+    labels: Annotated[str | None, typer.Option(help="Label names in answer order, comma-separated "
+                                               "(default: those in the data, sorted).")] = None,
     if_missing: Annotated[bool, typer.Option("--if-missing", help="Do nothing if a current bundle exists.")] = False,
     promote: Annotated[bool, typer.Option(help="Make the new bundle current.")] = True,
 ) -> None:
-    """Fine-tune the teacher, distill and quantize the student, calibrate, evaluate and register a bundle."""
+    """Fit or load the teacher, distill and quantize the student, calibrate, evaluate and register a bundle."""
     from bundle.registry import BundleError, Registry
+    from distill.config import BuildInputError, config_yaml, load_config_file
 
+    overrides = {key: value for key, value in {
+        "path": data and str(data.resolve()), "val": val and str(val.resolve()), "test": test and str(test.resolve()),
+        "text_column": text_column, "label_column": label_column,
+        "labels": labels and [name.strip() for name in labels.split(",") if name.strip()],
+    }.items() if value is not None}
+    try:
+        cfg = load_config_file(config, tiny) if config else BuildConfig.preset(tiny)
+        cfg = cfg.merged({"data": overrides}) if overrides else cfg
+    except BuildInputError as exc:
+        _fail(str(exc))
+    except ValueError as exc:  # a flag's value the settings refuse (pydantic names the setting)
+        _fail(str(exc).replace("\n", " "))
+    if print_config:
+        typer.echo(config_yaml(cfg), nl=False)
+        return
     home = _home(home)
     registry = Registry(home)
     if if_missing and registry.current_version():
@@ -53,7 +82,10 @@ def build(
     from distill.build import build as run_build
     from distill.evaluate import format_report
 
-    bundle = run_build(BuildConfig.preset(tiny), home, promote=promote)
+    try:
+        bundle = run_build(cfg, home, promote=promote)
+    except BuildInputError as exc:
+        _fail(str(exc))
     report = json.loads((bundle.path / "report.json").read_text())
     typer.echo(format_report(report))
     typer.echo(f"\nbuilt {bundle.version} in {report['build_seconds'] / 60:.1f} min -> {bundle.path}")
@@ -69,16 +101,25 @@ def evaluate(
     """Measure a bundle on the test split now: accuracies with bootstrap CIs, operating point, speed, size."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from bundle.registry import BundleError, Registry
-    from distill.build import default_splits
+    from distill.build import splits_for
+    from distill.config import BuildInputError
     from distill.evaluate import evaluate_bundle, format_report
 
     try:
         bundle = Registry(_home(home)).load(version)
     except BundleError as exc:
         _fail(str(exc))
-    cfg = BuildConfig.preset(tiny or bundle.manifest.build.get("name") == "tiny")
-    evaluation = evaluate_bundle(bundle, default_splits(cfg), bootstrap_samples=cfg.bootstrap_samples,
-                                 latency_runs=cfg.latency_runs, threads=cfg.threads)
+    cfg = BuildConfig.model_validate(bundle.manifest.build)  # the data and settings the bundle was built with
+    if tiny:
+        preset = BuildConfig.preset(True)
+        cfg = cfg.merged({"data": preset.data.model_dump(include={"train_limit", "eval_limit"}),
+                          "evaluation": preset.evaluation.model_dump()})
+    try:
+        splits = splits_for(cfg)
+    except BuildInputError as exc:
+        _fail(str(exc))
+    evaluation = evaluate_bundle(bundle, splits, bootstrap_samples=cfg.evaluation.bootstrap_samples,
+                                 latency_runs=cfg.evaluation.latency_runs, threads=cfg.threads)
     report_path = bundle.path / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     report["evaluation"] = evaluation

@@ -1,7 +1,9 @@
-"""`cascade build`: teacher fine-tuning, distillation, int8 export, calibration, evaluation, bundle.
+"""`cascade build`: your data, a teacher (fine-tuned, a checkpoint, or a remote server), a distilled int8
+student, calibration, evaluation, and a registered bundle.
 
-Resumable: the fine-tuned teacher is kept under ``$CASCADE_HOME/work/<preset>/teacher`` and reused
-by a later build with the same settings.
+Resumable: the fine-tuned teacher and the fp32 student are kept under ``$CASCADE_HOME/work/<name>`` and
+reused by a later build whose settings and data are the same; a remote teacher's answers are cached on disk.
+Bad input stops the build before anything is staged, with one line naming the file and row or the URL.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +32,10 @@ from bundle.registry import (
     Registry,
 )
 from bundle.runtime import StudentRuntime
+from bundle.teacher_spec import TeacherSpec
 from distill import train
-from distill.config import BuildConfig
-from distill.data import LABELS, Splits, load_movie_snippets, stratified_split
+from distill.config import BuildConfig, BuildInputError
+from distill.data import Dataset, Splits, load_splits
 from distill.evaluate import (
     calibration_summary,
     evaluate_bundle,
@@ -45,102 +49,233 @@ from routing.calibration import fit_temperature
 from routing.confidence import ConfidenceMeasure, softmax
 
 CALIBRATION_FILE = "calibration.npz"
+TEACHER_CACHE = "teacher_cache"
 
 
-def default_splits(cfg: BuildConfig) -> Splits:
-    """The movie-snippet split, cut down for tiny builds (stratification kept by taking a prefix of each)."""
-    splits = stratified_split(load_movie_snippets())
-    if cfg.train_limit is None and cfg.eval_limit is None:
-        return splits
-
-    def head(data, limit):
-        if limit is None or limit >= len(data):
-            return data
-        index = np.random.default_rng(cfg.seed).permutation(len(data))[:limit]
-        return data.subset(np.sort(index))
-
-    return Splits(head(splits.train, cfg.train_limit), head(splits.val, cfg.eval_limit),
-                  head(splits.test, cfg.eval_limit))
+def splits_for(cfg: BuildConfig) -> Splits:
+    """The build's data, as its configuration names it (the movie snippets by default)."""
+    return load_splits(cfg.data, cfg.seed)
 
 
-def _teacher_key(cfg: BuildConfig) -> dict[str, Any]:
-    """What decides the teacher's weights; a cached teacher is reused only when all of it matches."""
-    return {"recipe": "length-bucketed batches"} | {
-        k: getattr(cfg, k) for k in ("max_length", "train_limit", "teacher_layers", "teacher_epochs", "teacher_lr",
-                                     "teacher_batch_size", "seed")}
+def relabel(splits: Splits, names: tuple[str, ...]) -> Splits:
+    """The same texts with the label order ``names`` (a permutation of the current label names)."""
+
+    def one(data: Dataset) -> Dataset:
+        index = np.asarray([names.index(name) for name in data.label_names], dtype=np.int64)
+        return Dataset(data.name, data.texts, index[data.labels], names, data.ratings, data.ids)
+
+    return Splits(one(splits.train), one(splits.val), one(splits.test))
 
 
-def fine_tune_teacher(cfg: BuildConfig, splits: Splits, work: Path):
-    """Return the fine-tuned teacher, training it only if no matching one is already in ``work``."""
+@dataclass
+class Teacher:
+    """The teacher as the build uses it: logits in the bundle's label order, whatever its kind."""
+
+    kind: str
+    logits: Callable[[list[str]], np.ndarray]
+    spec: TeacherSpec
+    identity: dict[str, Any]
+    model: Any = None  # a transformers classifier for local kinds, None for remote
+    tokenizer: Any = None
+    own_tokenizer: bool = False  # its tokenizer differs from the student's: kept inside teacher/
+    columns: list[int] = field(default_factory=list)  # model output columns in the bundle's label order
+
+
+def _data_key(splits: Splits) -> dict[str, Any]:
+    return {"labels": list(splits.train.label_names), "train": splits.train.fingerprint(),
+            "val": splits.val.fingerprint()}
+
+
+def _local_logits(model, tokenizer, max_length: int, columns: list[int]) -> Callable[[list[str]], np.ndarray]:
+    def logits(texts: list[str], desc: str | None = None) -> np.ndarray:
+        return train.predict_logits(model, tokenizer, texts, max_length, desc=desc)[:, columns]
+
+    return logits
+
+
+def fine_tune_teacher(cfg: BuildConfig, splits: Splits, work: Path) -> Teacher:
+    """Fine-tune the base encoder on the data, unless ``work`` holds one trained with the same settings."""
+    settings = cfg.teacher
+    base = settings.base or train.base_model_dir()
+    if not (Path(base) / "config.json").is_file():
+        raise BuildInputError(f"{base}: teacher.base is not a Hugging Face model directory (no config.json)")
+    key = {"recipe": "length-bucketed batches", "kind": "fine-tune", "base": str(base), "max_length": cfg.max_length,
+           "seed": cfg.seed} | settings.model_dump(include={"layers", "epochs", "lr", "batch_size"}) | _data_key(splits)
     teacher_dir = work / "teacher"
     done = teacher_dir / "cascade_done.json"
-    tokenizer = train.load_tokenizer(train.base_model_dir())
-    if done.is_file() and json.loads(done.read_text()).get("settings") == _teacher_key(cfg):
+    tokenizer = train.load_tokenizer(base)
+    if done.is_file() and json.loads(done.read_text()).get("settings") == key:
         tqdm.write(f"teacher: reusing {teacher_dir}")
         from transformers import AutoModelForSequenceClassification
 
         model = AutoModelForSequenceClassification.from_pretrained(
-            str(teacher_dir), local_files_only=True, use_safetensors=True
-        ).eval()
-        return model, tokenizer, json.loads(done.read_text())["val_accuracy"]
-    model = train.new_teacher(LABELS, cfg)
-    model, val_accuracy = train.fit(
-        model, tokenizer, splits.train, splits.val, epochs=cfg.teacher_epochs, lr=cfg.teacher_lr,
-        batch_size=cfg.teacher_batch_size, max_length=cfg.max_length, loss_fn=train.hard_label_loss,
-        bucket_by_length=True, seed=cfg.seed, desc="teacher fine-tune",
-    )
-    shutil.rmtree(teacher_dir, ignore_errors=True)
-    model.save_pretrained(str(teacher_dir), safe_serialization=True)
-    done.write_text(json.dumps({"settings": _teacher_key(cfg), "val_accuracy": val_accuracy}))
-    return model, tokenizer, val_accuracy
+            str(teacher_dir), local_files_only=True, use_safetensors=True).eval()
+    else:
+        model = train.new_teacher(splits.train.label_names, base, settings.layers)
+        model, _ = train.fit(
+            model, tokenizer, splits.train, splits.val, epochs=settings.epochs, lr=settings.lr,
+            batch_size=settings.batch_size, max_length=cfg.max_length, loss_fn=train.hard_label_loss,
+            bucket_by_length=True, seed=cfg.seed, desc="teacher fine-tune",
+        )
+        shutil.rmtree(teacher_dir, ignore_errors=True)
+        model.save_pretrained(str(teacher_dir), safe_serialization=True)
+        done.write_text(json.dumps({"settings": key}))
+    columns = list(range(len(splits.train.label_names)))
+    return Teacher("fine-tune", _local_logits(model, tokenizer, cfg.max_length, columns), TeacherSpec(), key,
+                   model, tokenizer, own_tokenizer=False, columns=columns)
 
 
-def distill_student(cfg: BuildConfig, teacher, tokenizer, splits: Splits, soft_targets: np.ndarray,
+def checkpoint_columns(id2label: dict[int, str], labels: tuple[str, ...], where: Path) -> list[int]:
+    """The checkpoint's output columns in the data's label order, matched by name.
+
+    An unnamed head (``LABEL_0`` ...) of the right size is taken in the data's order, as serving does.
+    """
+    names = [str(id2label[i]) for i in range(len(id2label))]
+    if sorted(names) == sorted(labels):
+        return [names.index(label) for label in labels]
+    if len(names) == len(labels) and all(name.startswith("LABEL_") for name in names):
+        return list(range(len(labels)))
+    raise BuildInputError(f"{where}: the checkpoint's labels {names} (config.json id2label) do not match the data's "
+                          f"labels {list(labels)}")
+
+
+def load_checkpoint_teacher(cfg: BuildConfig, splits: Splits) -> tuple[Teacher, Splits]:
+    """An already fine-tuned classifier, used as it is (safetensors only: nothing user-supplied is unpickled).
+
+    Without ``data.labels`` the bundle takes the checkpoint's label order, so its raw outputs are already
+    in the bundle's order everywhere; with them, columns are mapped by name.
+    """
+    path = Path(cfg.teacher.checkpoint or "")
+    if not (path / "config.json").is_file():
+        raise BuildInputError(f"{path}: teacher.checkpoint is not a model directory (no config.json)")
+    if not any(path.glob("*.safetensors")):
+        raise BuildInputError(f"{path}: no .safetensors weights (only safetensors checkpoints are loaded)")
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    labels = splits.train.label_names
+    checkpoint_columns(config.id2label, labels, path)  # fail on a mismatch before loading any weights
+    if cfg.data.labels is None:
+        names = tuple(str(config.id2label[i]) for i in range(len(config.id2label)))
+        if sorted(names) == sorted(labels):
+            splits, labels = relabel(splits, names), names
+    columns = checkpoint_columns(config.id2label, labels, path)
+    try:
+        tokenizer = train.load_tokenizer(path)
+    except (OSError, ValueError) as exc:
+        raise BuildInputError(f"{path}: the checkpoint has no loadable tokenizer ({exc})") from exc
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(path), local_files_only=True, use_safetensors=True).eval()
+    weights = sorted(path.glob("*.safetensors"))
+    key = {"kind": "checkpoint", "path": str(path.resolve()), "max_length": cfg.max_length,
+           "weights": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weights]} | _data_key(splits)
+    teacher = Teacher("checkpoint", _local_logits(model, tokenizer, cfg.max_length, columns), TeacherSpec(), key,
+                      model, tokenizer, own_tokenizer=True, columns=columns)
+    return teacher, splits
+
+
+def remote_teacher(cfg: BuildConfig, splits: Splits, home: Path) -> Teacher:
+    """An Open Inference Protocol v2 server; its answers on the build's texts are cached by text hash."""
+    from bundle.teachers import TeacherUnavailable, open_teacher, teacher_logits_sync
+
+    assert cfg.teacher.remote is not None
+    spec = TeacherSpec(kind="remote", remote=cfg.teacher.remote)
+    labels = list(splits.train.label_names)
+
+    def logits(texts: list[str], desc: str | None = None) -> np.ndarray:
+        client = open_teacher(spec, home, labels)
+        try:
+            return teacher_logits_sync(client, texts, home / "work" / TEACHER_CACHE)
+        except TeacherUnavailable as exc:
+            raise BuildInputError(f"{cfg.teacher.remote.url}: remote teacher unavailable ({exc})") from exc
+
+    key = {"kind": "remote", "url": cfg.teacher.remote.url, "model": cfg.teacher.remote.model,
+           "output": cfg.teacher.remote.output, "scores": cfg.teacher.remote.scores} | _data_key(splits)
+    return Teacher("remote", logits, spec, key)
+
+
+def prepare_teacher(cfg: BuildConfig, splits: Splits, home: Path, work: Path) -> tuple[Teacher, Splits]:
+    if cfg.teacher.kind == "checkpoint":
+        return load_checkpoint_teacher(cfg, splits)
+    if cfg.teacher.kind == "remote":
+        return remote_teacher(cfg, splits, home), splits
+    return fine_tune_teacher(cfg, splits, work), splits
+
+
+def initial_student(cfg: BuildConfig, teacher: Teacher, labels: tuple[str, ...]):
+    """The student before distillation and its tokenizer, plus which init was used.
+
+    From the teacher's own layers when it is a BERT-family model here; otherwise from the bundled MiniLM,
+    whose tokenizer then becomes the bundle's (the teacher keeps its own inside teacher/).
+    """
+    init = cfg.student.init
+    if init == "auto":
+        init = "teacher" if teacher.model is not None and train.is_bert_family(teacher.model) else "minilm"
+    if init == "minilm":
+        student, tokenizer = train.student_from_minilm(labels, cfg.student.layers)
+        return student, tokenizer, init
+    if teacher.model is None:
+        raise BuildInputError("student.init 'teacher' needs a teacher whose weights are in the build "
+                              "(not a remote one): use 'auto' or 'minilm'")
+    try:
+        student = train.student_from_teacher(teacher.model, cfg.student.layers)
+    except ValueError as exc:
+        raise BuildInputError(str(exc)) from exc
+    if teacher.columns != list(range(len(labels))):  # the head's rows in the bundle's label order
+        with torch.no_grad():
+            student.classifier.weight.copy_(student.classifier.weight[teacher.columns])
+            student.classifier.bias.copy_(student.classifier.bias[teacher.columns])
+    student.config.id2label = dict(enumerate(labels))
+    student.config.label2id = {name: i for i, name in enumerate(labels)}
+    return student, teacher.tokenizer, init
+
+
+def distill_student(cfg: BuildConfig, student, tokenizer, teacher: Teacher, splits: Splits, soft_targets: np.ndarray,
                     val_teacher_logits: np.ndarray, train_set=None, desc: str = "student distillation"):
-    """Shallow copy of the teacher trained on ``alpha * CE + (1 - alpha) * T^2 * KL`` against its logits.
+    """Train the student on ``alpha * CE + (1 - alpha) * T^2 * KL`` against the teacher's logits.
 
-    Each epoch may add teacher-labelled perturbations of the train texts (``kd_augment``); the epoch
+    Each epoch may add teacher-labelled perturbations of the train texts (``distillation.augment``); the epoch
     kept is the one whose val answers agree most with the teacher's, since agreement is what decides
     how much traffic the cascade must defer.
     """
     train_set = train_set or splits.train
-    student = train.student_from_teacher(teacher, cfg.student_layers)
     val_teacher_labels = val_teacher_logits.argmax(-1)
 
     def augmented(_epoch: int, rng: np.random.Generator) -> tuple[list[str], np.ndarray]:
         texts = train.perturb(train_set.texts, rng)
-        return texts, train.predict_logits(teacher, tokenizer, texts, cfg.max_length, desc="teacher labels")
+        return texts, teacher.logits(texts, desc="teacher labels")
 
+    settings, kd = cfg.student, cfg.distillation
     return train.fit(
-        student, tokenizer, train_set, splits.val, epochs=cfg.student_epochs, lr=cfg.student_lr,
-        batch_size=cfg.student_batch_size, max_length=cfg.max_length,
-        loss_fn=train.distillation_loss(cfg.kd_alpha, cfg.kd_temperature), soft_targets=soft_targets,
-        extra=augmented if cfg.kd_augment else None,
+        student, tokenizer, train_set, splits.val, epochs=settings.epochs, lr=settings.lr,
+        batch_size=settings.batch_size, max_length=cfg.max_length,
+        loss_fn=train.distillation_loss(kd.alpha, kd.temperature), soft_targets=soft_targets,
+        extra=augmented if kd.augment else None,
         score=lambda logits: float((logits.argmax(-1) == val_teacher_labels).mean()), bucket_by_length=True,
         seed=cfg.seed, desc=desc,
     )
 
 
-def _student_checkpoint(cfg: BuildConfig, teacher, tokenizer, splits: Splits, soft: np.ndarray,
+def _student_checkpoint(cfg: BuildConfig, teacher: Teacher, splits: Splits, soft: np.ndarray,
                         val_teacher: np.ndarray, work: Path):
-    """The distilled fp32 student, kept in ``work`` so export and quantization can be redone alone."""
+    """The distilled fp32 student and its tokenizer, kept in ``work`` so export can be redone alone."""
     student_dir = work / "student_fp32"
     done = student_dir / "cascade_done.json"
-    key = _teacher_key(cfg) | {k: getattr(cfg, k) for k in ("student_layers", "student_epochs", "student_lr",
-                                                            "student_batch_size", "kd_alpha", "kd_temperature",
-                                                            "kd_augment")}
+    student, tokenizer, init = initial_student(cfg, teacher, splits.train.label_names)
+    key = {"teacher": teacher.identity, "init": init, "max_length": cfg.max_length, "seed": cfg.seed,
+           "student": cfg.student.model_dump(), "distillation": cfg.distillation.model_dump()}
     if done.is_file() and json.loads(done.read_text()).get("settings") == key:
         from transformers import AutoModelForSequenceClassification
 
         tqdm.write(f"student: reusing {student_dir}")
         model = AutoModelForSequenceClassification.from_pretrained(
             str(student_dir), local_files_only=True, use_safetensors=True).eval()
-        return model, json.loads(done.read_text())["val_agreement"]
-    student, val_agreement = distill_student(cfg, teacher, tokenizer, splits, soft, val_teacher)
+        return model, tokenizer, init, json.loads(done.read_text())["val_agreement"]
+    student, val_agreement = distill_student(cfg, student, tokenizer, teacher, splits, soft, val_teacher)
     shutil.rmtree(student_dir, ignore_errors=True)
     student.save_pretrained(str(student_dir), safe_serialization=True)
     done.write_text(json.dumps({"settings": key, "val_agreement": val_agreement}))
-    return student, val_agreement
+    return student, tokenizer, init, val_agreement
 
 
 def calibrate_bundle_dir(staging: Path, cfg: BuildConfig, val_student_logits: np.ndarray,
@@ -155,7 +290,7 @@ def calibrate_bundle_dir(staging: Path, cfg: BuildConfig, val_student_logits: np
     measure = ConfidenceMeasure.MAX_PROB
     chosen, points = pick_operating_point(
         softmax(val_student_logits, t_student), softmax(val_teacher_logits, t_teacher), val_labels, measure,
-        target_agreement=cfg.target_agreement, teacher_share=None,
+        target_agreement=cfg.calibration.target_agreement, teacher_share=None,
     )
     operating_curve_png(points, chosen, staging / CURVE_FILE, "Deferral sweep on val")
     return {
@@ -167,7 +302,7 @@ def calibrate_bundle_dir(staging: Path, cfg: BuildConfig, val_student_logits: np
             "teacher": calibration_summary(test_teacher_logits, test_labels, t_teacher),
             "fitted_on": "val",
             "ece_measured_on": "test",
-            "target": {"agreement_with_teacher": cfg.target_agreement},
+            "target": {"agreement_with_teacher": cfg.calibration.target_agreement},
             "val_operating_point": chosen.as_dict(),
             "val_curve": thin_curve(points),
         },
@@ -184,30 +319,38 @@ def _stage(seconds: dict[str, float], name: str) -> Iterator[None]:
 
 
 def build(cfg: BuildConfig, home: Path, promote: bool = True) -> Bundle:
-    """Run the whole pipeline and publish a new registry version (promoted to ``current`` by default)."""
+    """Run the whole pipeline and publish a new registry version (promoted to ``current`` by default).
+
+    Data and teacher are checked before anything is staged, so bad input leaves the registry as it was.
+    """
     torch.set_num_threads(cfg.threads)
     started = time.time()
     registry = Registry(home)
+    splits = splits_for(cfg)
+    tqdm.write(f"data: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test texts, "
+               f"labels {list(splits.train.label_names)}")
     work = home / "work" / cfg.name
     work.mkdir(parents=True, exist_ok=True)
-    splits = default_splits(cfg)
-    tqdm.write(f"data: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test texts")
 
     stages: dict[str, float] = {}
-    with _stage(stages, "teacher fine-tune"):
-        teacher, tokenizer, teacher_val = fine_tune_teacher(cfg, splits, work)
+    with _stage(stages, "teacher"):
+        teacher, splits = prepare_teacher(cfg, splits, home, work)
+    labels = splits.train.label_names
     with _stage(stages, "teacher logits"):
-        soft = train.predict_logits(teacher, tokenizer, splits.train.texts, cfg.max_length,
-                                    desc="teacher soft labels")
-        val_teacher = train.predict_logits(teacher, tokenizer, splits.val.texts, cfg.max_length)
-        test_teacher = train.predict_logits(teacher, tokenizer, splits.test.texts, cfg.max_length)
+        soft = teacher.logits(splits.train.texts, desc="teacher soft labels")
+        val_teacher = teacher.logits(splits.val.texts)
+        test_teacher = teacher.logits(splits.test.texts)
+    teacher_val = float((val_teacher.argmax(-1) == splits.val.labels).mean())
     with _stage(stages, "student distillation"):
-        student, student_val_agreement = _student_checkpoint(cfg, teacher, tokenizer, splits, soft, val_teacher,
-                                                             work)
+        student, tokenizer, init, student_val_agreement = _student_checkpoint(cfg, teacher, splits, soft,
+                                                                             val_teacher, work)
     registry.root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=registry.root))
     try:
-        teacher.save_pretrained(str(staging / TEACHER_DIR), safe_serialization=True)
+        if teacher.model is not None:
+            teacher.model.save_pretrained(str(staging / TEACHER_DIR), safe_serialization=True)
+            if teacher.own_tokenizer:  # serving and evaluation read a tokenizer inside teacher/ before tokenizer/
+                teacher.tokenizer.save_pretrained(str(staging / TEACHER_DIR))
         student.save_pretrained(str(staging / STUDENT_FP32_DIR), safe_serialization=True)
         tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
         with _stage(stages, "export and int8"):
@@ -221,19 +364,15 @@ def build(cfg: BuildConfig, home: Path, promote: bool = True) -> Bundle:
                                       test_student, test_teacher, splits.test.labels)
         calibration = fields.pop("calibration")
         fields |= {
-            "labels": list(LABELS),
+            "labels": list(labels),
             "max_length": cfg.max_length,
-            "source_data": {
-                "train": {"name": splits.train.name, "texts": len(splits.train),
-                          "sha256": splits.train.fingerprint()},
-                "val": {"name": splits.val.name, "texts": len(splits.val), "sha256": splits.val.fingerprint()},
-                "test": {"name": splits.test.name, "texts": len(splits.test),
-                         "sha256": splits.test.fingerprint()},
-            },
+            "teacher": teacher.spec,
+            "source_data": {part: {"name": data.name, "texts": len(data), "sha256": data.fingerprint()}
+                            for part, data in (("train", splits.train), ("val", splits.val), ("test", splits.test))},
             "parent_version": registry.current_version(),
             "metrics": {"teacher_val_accuracy": teacher_val, "student_fp32_val_agreement": student_val_agreement,
                         "quantization": quantization},
-            "build": cfg.model_dump(),
+            "build": cfg.model_dump(mode="json") | {"student_init": init},
         }
         bundle = registry.publish(staging, fields)
     except BaseException:
@@ -241,8 +380,8 @@ def build(cfg: BuildConfig, home: Path, promote: bool = True) -> Bundle:
         raise
     tqdm.write(f"published {bundle.version}; evaluating on test")
     with _stage(stages, "evaluation"):
-        evaluation = evaluate_bundle(bundle, splits, bootstrap_samples=cfg.bootstrap_samples,
-                                     latency_runs=cfg.latency_runs, threads=cfg.threads,
+        evaluation = evaluate_bundle(bundle, splits, bootstrap_samples=cfg.evaluation.bootstrap_samples,
+                                     latency_runs=cfg.evaluation.latency_runs, threads=cfg.threads,
                                      teacher_logits_test=test_teacher)
     write_report(bundle.path, {"evaluation": evaluation, "calibration": calibration,
                                "build_seconds": time.time() - started, "stage_seconds": stages})

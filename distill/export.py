@@ -57,13 +57,21 @@ def export_fp32(model: PreTrainedModel, path: Path, max_length: int) -> Path:
     return path
 
 
+# Student families this export supports -> ONNX Runtime optimizer model_type. Every student the build
+# makes is a BERT encoder (the teacher's own layers or MiniLM's); another family must add its fusion here.
+FUSION_MODEL_TYPES = {"bert": "bert"}
+
+
 def fuse_transformer_graph(path: Path, model: PreTrainedModel) -> Path:
-    """Fuse attention / layer-norm / GELU subgraphs (ONNX Runtime's BERT optimizer) in place."""
+    """Fuse attention / layer-norm / GELU subgraphs with the ONNX Runtime optimizer of the model's family."""
     from onnxruntime.transformers.optimizer import optimize_model
 
+    family = model.config.model_type
+    if family not in FUSION_MODEL_TYPES:
+        raise ValueError(f"no graph fusion for student family {family!r} (supported: {sorted(FUSION_MODEL_TYPES)})")
     optimized = optimize_model(
         str(path),
-        model_type="bert",
+        model_type=FUSION_MODEL_TYPES[family],
         num_heads=model.config.num_attention_heads,
         hidden_size=model.config.hidden_size,
         opt_level=0,
@@ -122,10 +130,12 @@ def build_student_onnx(model: PreTrainedModel, tokenizer, check_texts: list[str]
         mask = batch["attention_mask"].astype(np.int64)
         fp32_logits = run_logits(session(fp32), ids, mask)
         fp32_size = fp32.stat().st_size
-    int8_logits = run_logits(session(out_path), ids, mask)
+    int8 = session(out_path)
+    int8_logits = run_logits(int8, ids, mask)
     with torch.inference_mode():
         torch_logits = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
-    return {
+    unpadded = unpadded_comparison(model, tokenizer, int8, check_texts[:64], max_length)
+    return unpadded | {
         "texts_checked": len(check_texts),
         "fp32_vs_torch_max_abs_diff": float(np.abs(fp32_logits - torch_logits).max()),
         "int8_vs_fp32_max_abs_diff": float(np.abs(int8_logits - fp32_logits).max()),
@@ -133,4 +143,23 @@ def build_student_onnx(model: PreTrainedModel, tokenizer, check_texts: list[str]
         "int8_vs_fp32_label_agreement": float((int8_logits.argmax(-1) == fp32_logits.argmax(-1)).mean()),
         "fp32_bytes": fp32_size,
         "int8_bytes": out_path.stat().st_size,
+    }
+
+
+def unpadded_comparison(model: PreTrainedModel, tokenizer, int8: ort.InferenceSession, texts: list[str],
+                        max_length: int) -> dict[str, float]:
+    """int8 against PyTorch one text at a time, unpadded: the path serving runs (StudentRuntime)."""
+    int8_rows, torch_rows = [], []
+    for text in texts:
+        ids = np.asarray([tokenizer(text, truncation=True, max_length=max_length)["input_ids"]], dtype=np.int64)
+        mask = np.ones_like(ids)
+        int8_rows.append(run_logits(int8, ids, mask)[0])
+        with torch.inference_mode():
+            torch_rows.append(model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits[0]
+                              .numpy())
+    int8_logits, torch_logits = np.stack(int8_rows), np.stack(torch_rows)
+    return {
+        "unpadded_texts_checked": len(texts),
+        "unpadded_int8_vs_torch_max_abs_diff": float(np.abs(int8_logits - torch_logits).max()),
+        "unpadded_int8_vs_torch_label_agreement": float((int8_logits.argmax(-1) == torch_logits.argmax(-1)).mean()),
     }

@@ -38,7 +38,7 @@ from bundle.registry import (
 from bundle.runtime import StudentRuntime
 from bundle.teachers import open_teacher, teacher_logits_sync
 from distill import train
-from distill.build import calibrate_bundle_dir, default_splits
+from distill.build import calibrate_bundle_dir, splits_for
 from distill.config import BuildConfig
 from distill.data import Dataset, Splits
 from distill.evaluate import evaluate_bundle, teacher_cache_dir, write_report
@@ -101,7 +101,7 @@ def _starting_student(bundle: Bundle, build_cfg: BuildConfig):
                                                                   use_safetensors=True)
     teacher = AutoModelForSequenceClassification.from_pretrained(str(bundle.teacher_dir), local_files_only=True,
                                                                  use_safetensors=True)
-    return train.student_from_teacher(teacher, build_cfg.student_layers)
+    return train.student_from_teacher(teacher, build_cfg.student.layers)
 
 
 def _logits(runtime: StudentRuntime, texts: list[str], labels: int) -> np.ndarray:
@@ -123,7 +123,7 @@ def redistill(home: Path, queue: QueueBackend, cfg: RedistillConfig) -> Redistil
     torch.set_num_threads(build_cfg.threads)
     holdout = [item for item in leased if _is_holdout(item.record.id, cfg.holdout_share)]
     learn = [item for item in leased if not _is_holdout(item.record.id, cfg.holdout_share)]
-    splits = default_splits(build_cfg)
+    splits = splits_for(build_cfg)
     base_logits = _teacher_logits(parent, splits, build_cfg.max_length, build_cfg.threads)
     t_teacher = parent.manifest.temperatures.teacher
     queued_logits = np.array([np.log(np.clip(item.record.teacher_probs, 1e-6, 1.0)) * t_teacher * cfg.queue_sharpen
@@ -145,7 +145,8 @@ def redistill(home: Path, queue: QueueBackend, cfg: RedistillConfig) -> Redistil
     student, _ = train.fit(
         _starting_student(parent, build_cfg), tokenizer, combined, splits.val, epochs=cfg.epochs, lr=cfg.lr,
         batch_size=cfg.batch_size, max_length=build_cfg.max_length,
-        loss_fn=train.distillation_loss(build_cfg.kd_alpha, build_cfg.kd_temperature), soft_targets=soft,
+        loss_fn=train.distillation_loss(build_cfg.distillation.alpha, build_cfg.distillation.temperature),
+        soft_targets=soft,
         score=lambda logits: float((logits.argmax(-1) == val_teacher_labels).mean()), bucket_by_length=True,
         seed=build_cfg.seed, desc="re-distillation",
     )
@@ -212,8 +213,8 @@ def redistill(home: Path, queue: QueueBackend, cfg: RedistillConfig) -> Redistil
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    evaluation = evaluate_bundle(bundle, splits, bootstrap_samples=build_cfg.bootstrap_samples,
-                                 latency_runs=build_cfg.latency_runs, threads=build_cfg.threads,
+    evaluation = evaluate_bundle(bundle, splits, bootstrap_samples=build_cfg.evaluation.bootstrap_samples,
+                                 latency_runs=build_cfg.evaluation.latency_runs, threads=build_cfg.threads,
                                  teacher_logits_test=base_logits["test"])
     write_report(bundle.path, {"evaluation": evaluation, "calibration": calibration,
                                "build_seconds": time.time() - started})

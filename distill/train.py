@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-from distill.config import BuildConfig
 from distill.data import Dataset
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -33,23 +32,33 @@ def encode(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tens
     return tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
 
 
-def new_teacher(labels: tuple[str, ...], cfg: BuildConfig) -> PreTrainedModel:
-    """MiniLM-L6 with a fresh classification head; optionally truncated (tiny builds)."""
-    extra = {"num_hidden_layers": cfg.teacher_layers} if cfg.teacher_layers else {}
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(base_model_dir()),
+def new_teacher(labels: tuple[str, ...], base: Path | None = None, layers: int | None = None) -> PreTrainedModel:
+    """An encoder (default: the bundled MiniLM-L6) with a fresh classification head; optionally truncated."""
+    extra = {"num_hidden_layers": layers} if layers else {}
+    return AutoModelForSequenceClassification.from_pretrained(
+        str(base or base_model_dir()),
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)},
         local_files_only=True,
+        use_safetensors=True,
         **extra,
     )
-    return model
+
+
+def is_bert_family(model: PreTrainedModel) -> bool:
+    """Whether the student can start from this model's own layers (and export through the BERT fusion)."""
+    return model.config.model_type == "bert"
 
 
 def student_from_teacher(teacher: PreTrainedModel, layers: int) -> PreTrainedModel:
-    """A shallower copy of the teacher: embeddings, head and evenly spaced layers (DistilBERT's init)."""
+    """A shallower copy of a BERT-family teacher: embeddings, head and evenly spaced layers (DistilBERT's init)."""
+    if not is_bert_family(teacher):
+        raise ValueError(f"a student can start from a BERT-family teacher's layers only, not "
+                         f"{teacher.config.model_type!r}: use student.init 'minilm'")
     total = teacher.config.num_hidden_layers
+    if layers > total:
+        raise ValueError(f"student.layers {layers} is more than the {total} layers it starts from")
     keep = sorted({round(i) for i in np.linspace(0, total - 1, layers)})
     config = copy.deepcopy(teacher.config)
     config.num_hidden_layers = len(keep)
@@ -65,6 +74,15 @@ def student_from_teacher(teacher: PreTrainedModel, layers: int) -> PreTrainedMod
         student_state[key] = teacher_state[source].clone()
     student.load_state_dict(student_state)
     return student.eval()
+
+
+def student_from_minilm(labels: tuple[str, ...], layers: int) -> tuple[PreTrainedModel, object]:
+    """A student for any teacher: the bundled MiniLM's evenly spaced layers, a fresh head, MiniLM's tokenizer.
+
+    Distillation needs only the teacher's outputs on texts, so the student's architecture and vocabulary
+    need not be the teacher's.
+    """
+    return student_from_teacher(new_teacher(labels), layers), load_tokenizer(base_model_dir())
 
 
 @torch.inference_mode()

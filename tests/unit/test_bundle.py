@@ -22,7 +22,7 @@ def test_bundle_layout_and_manifest(tiny_home: Path) -> None:
     assert manifest.labels == ["negative", "positive"]
     assert set(manifest.files) >= {"student.onnx", "teacher/model.safetensors", "tokenizer/tokenizer.json"}
     assert manifest.temperatures.student > 0 and 0.0 <= manifest.threshold <= 1.0
-    assert manifest.source_data["train"]["texts"] == BuildConfig.preset(tiny=True).train_limit
+    assert manifest.source_data["train"]["texts"] == BuildConfig.preset(tiny=True).data.train_limit
     assert len(manifest.source_data["test"]["sha256"]) == 64
     assert not list(bundle.path.rglob("*.bin")) and not list(bundle.path.rglob("*.pt"))
 

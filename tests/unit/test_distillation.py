@@ -1,15 +1,21 @@
+import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
 from distill import train
-from distill.config import BuildConfig
-from distill.data import LABELS
+from distill.build import Teacher, checkpoint_columns, initial_student, relabel
+from distill.config import BuildConfig, BuildInputError
+from distill.data import LABELS, Dataset, Splits
+from routing.calibration import fit_temperature, sweep
+from routing.confidence import ConfidenceMeasure, confidence, softmax
+from tests.own_model_data import THREE_LABELS
 
 
 def test_distillation_loss_matches_its_formula() -> None:
     torch.manual_seed(0)
-    student, teacher = torch.randn(8, 2), torch.randn(8, 2)
-    labels = torch.randint(0, 2, (8,))
+    student, teacher = torch.randn(8, 3), torch.randn(8, 3)
+    labels = torch.randint(0, 3, (8,))
     alpha, temperature = 0.3, 2.0
     expected_kl = (F.softmax(teacher / temperature, -1)
                    * (F.log_softmax(teacher / temperature, -1) - F.log_softmax(student / temperature, -1))
@@ -22,7 +28,7 @@ def test_distillation_loss_matches_its_formula() -> None:
 
 
 def test_student_is_initialised_from_evenly_spaced_teacher_layers() -> None:
-    teacher = train.new_teacher(LABELS, BuildConfig())
+    teacher = train.new_teacher(LABELS)
     student = train.student_from_teacher(teacher, 2)
     assert student.config.num_hidden_layers == 2 and teacher.config.num_hidden_layers == 6
     t_layers, s_layers = teacher.bert.encoder.layer, student.bert.encoder.layer
@@ -30,3 +36,69 @@ def test_student_is_initialised_from_evenly_spaced_teacher_layers() -> None:
     assert torch.equal(s_layers[1].output.dense.weight, t_layers[5].output.dense.weight)
     assert torch.equal(student.bert.embeddings.word_embeddings.weight, teacher.bert.embeddings.word_embeddings.weight)
     assert not student.training
+    with pytest.raises(ValueError, match="more than the 6 layers"):
+        train.student_from_teacher(teacher, 7)
+
+
+def test_a_non_bert_teacher_gets_a_minilm_student_with_minilm_s_tokenizer(tmp_path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from tests.own_model_data import tiny_distilbert_checkpoint
+
+    path = tiny_distilbert_checkpoint(tmp_path / "ckpt", THREE_LABELS)
+    model = AutoModelForSequenceClassification.from_pretrained(str(path), use_safetensors=True)
+    teacher = Teacher("checkpoint", lambda texts: np.zeros((len(texts), 3)), None, {}, model, None, True, [0, 1, 2])
+    cfg = BuildConfig.model_validate({"student": {"layers": 3}})
+    student, tokenizer, init = initial_student(cfg, teacher, THREE_LABELS)
+    assert init == "minilm" and student.config.model_type == "bert" and student.config.num_hidden_layers == 3
+    assert student.config.num_labels == 3 and tokenizer("a film")["input_ids"][0] == 101  # MiniLM's [CLS]
+    with pytest.raises(BuildInputError, match="BERT-family"):
+        initial_student(cfg.merged({"student": {"init": "teacher"}}), teacher, THREE_LABELS)
+
+
+def test_a_student_from_a_teacher_answers_in_the_bundle_s_label_order() -> None:
+    """A checkpoint whose head is ordered (b, c, a) for a bundle ordered (a, b, c): the student's head rows follow."""
+    model = train.new_teacher(("b", "c", "a"))
+    columns = checkpoint_columns(model.config.id2label, ("a", "b", "c"), "ckpt")
+    assert columns == [2, 0, 1]
+    teacher = Teacher("checkpoint", lambda texts: np.zeros((len(texts), 3)), None, {}, model, None, False, columns)
+    student, _, init = initial_student(BuildConfig.model_validate({"student": {"layers": 6}}), teacher,
+                                       ("a", "b", "c"))
+    assert init == "teacher" and student.config.id2label == {0: "a", 1: "b", 2: "c"}
+    batch = {"input_ids": torch.tensor([[101, 2204, 3185, 102]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    with torch.inference_mode():
+        assert torch.allclose(student(**batch).logits, model(**batch).logits[:, columns], atol=1e-5)
+
+
+def test_checkpoint_labels_must_match_the_data_s_by_name() -> None:
+    assert checkpoint_columns({0: "LABEL_0", 1: "LABEL_1"}, ("x", "y"), "c") == [0, 1]
+    with pytest.raises(BuildInputError, match=r"ckpt: the checkpoint's labels \['pos', 'neg'\] .* \['a', 'b'\]"):
+        checkpoint_columns({0: "pos", 1: "neg"}, ("a", "b"), "ckpt")
+    with pytest.raises(BuildInputError, match="do not match"):
+        checkpoint_columns({0: "LABEL_0", 1: "LABEL_1"}, ("a", "b", "c"), "ckpt")
+
+
+def test_relabel_keeps_each_text_s_label_name() -> None:
+    data = Dataset("d", ["x", "y", "z"], np.array([0, 1, 2]), ("a", "b", "c"))
+    moved = relabel(Splits(data, data, data), ("c", "a", "b")).train
+    assert [moved.label_names[i] for i in moved.labels] == ["a", "b", "c"]
+
+
+def test_confidence_measures_are_right_for_three_labels() -> None:
+    probs = np.array([[0.5, 0.3, 0.2], [1 / 3, 1 / 3, 1 / 3], [0.98, 0.01, 0.01]])
+    assert np.allclose(confidence(probs, ConfidenceMeasure.MAX_PROB), [0.5, 1 / 3, 0.98])
+    assert np.allclose(confidence(probs, ConfidenceMeasure.MARGIN), [0.2, 0.0, 0.97])
+    entropy = -(probs * np.log(probs)).sum(-1) / np.log(3)
+    assert np.allclose(confidence(probs, ConfidenceMeasure.NEG_ENTROPY), -entropy)
+    assert confidence(probs, ConfidenceMeasure.NEG_ENTROPY)[1] == pytest.approx(-1.0)  # uniform: least sure
+
+
+def test_temperature_and_sweep_work_for_three_labels() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, size=(3000, 3))
+    probs = softmax(logits, 2.0)
+    labels = np.array([rng.choice(3, p=row) for row in probs])
+    assert fit_temperature(logits, labels) == pytest.approx(2.0, rel=0.15)
+    points = sweep(softmax(logits), softmax(logits * 2), labels)
+    assert points[0].teacher_share == 0.0 and points[-1].teacher_share == 1.0
+    assert points[-1].agreement_with_teacher == 1.0
