@@ -21,7 +21,7 @@ PORT = 8123
 # Settings every test starts from: a generous teacher timeout and budget, so only the tests that
 # mean to degrade the teacher see degraded answers on a loaded 2-core CI machine.
 TEST_BASE = {"routing": {"threshold": None}, "teacher": {"timeout_s": 20.0, "max_concurrency": 8, "max_share": 1.0},
-             "limits": {"max_in_flight": 512}}
+             "limits": {"admission_headroom": 16, "queue_deadline_s": 30.0}}
 
 
 @dataclass

@@ -146,7 +146,10 @@ def test_open_inference_protocol(client: httpx.Client) -> None:
 
 
 def test_overload_is_refused_at_once_with_retry_after(gateway: Gateway, client: httpx.Client) -> None:
-    apply_config(gateway, limits={"max_in_flight": 1})
+    from serving.app import DEPLOYMENT_OPTIONS
+
+    # The admission limit is derived from Ray's max_ongoing_requests: a headroom of all but one leaves one.
+    apply_config(gateway, limits={"admission_headroom": DEPLOYMENT_OPTIONS["Gateway"]["max_ongoing_requests"] - 1})
 
     def call(_: int) -> httpx.Response:
         return client.post("/v1/classify", json={"texts": TEXTS[:16], "route": "teacher"})
@@ -157,6 +160,15 @@ def test_overload_is_refused_at_once_with_retry_after(gateway: Gateway, client: 
     assert codes <= {200, 503} and 503 in codes and 200 in codes
     refused = next(r for r in responses if r.status_code == 503)
     assert refused.headers["retry-after"] == "1" and refused.json()["error"] == "over capacity, retry later"
+
+
+def test_deeply_nested_json_is_a_json_400_not_a_500(client: httpx.Client) -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for path in ("/v1/classify", "/v2/models/cascade/infer"):
+        answer = client.post(path, content=deep, headers={"content-type": "application/json"})
+        assert answer.status_code == 400, (path, answer.status_code, answer.text[:200])
+        assert "deeper than" in answer.json()["error"]
+    assert client.post("/v1/classify", json={"texts": TEXTS[:1]}).status_code == 200
 
 
 def test_bench_load_generator_measures_the_gateway(gateway: Gateway) -> None:
