@@ -1,0 +1,122 @@
+"""Serve autoscaling for real: the Gateway scales from 1 to 2 replicas under load and back to 1 after it.
+
+Run under the shared Ray lock (it starts its own `cascade serve` and stops Ray):
+`flock /tmp/cascade-ray.lock timeout 900 .venv/bin/python -m pytest -q tests/integration/test_autoscaling.py`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from serving.app import default_serve_config
+from tests.conftest import CASCADE
+from tests.servers import free_port
+
+pytestmark = pytest.mark.integration
+
+SERVE = str(Path(CASCADE).with_name("serve"))
+RAY = str(Path(CASCADE).with_name("ray"))
+# Short delays and a low target so a few concurrent clients scale it within seconds (bounded test).
+GATEWAY_AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                       "upscale_delay_s": 2, "downscale_delay_s": 5, "metrics_interval_s": 1,
+                       "look_back_period_s": 3}
+
+
+def gateway_replicas() -> int:
+    """RUNNING Gateway replicas, as Serve's own status (`serve status`) reports them."""
+    env = os.environ | {"RAY_AUTH_MODE": "token"}
+    result = subprocess.run([SERVE, "status", "-a", "http://127.0.0.1:8265"], capture_output=True, text=True,
+                            env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    status = yaml.safe_load(result.stdout)
+    deployment = status["applications"]["cascade"]["deployments"]["Gateway"]
+    return int(deployment.get("replica_states", {}).get("RUNNING", 0))
+
+
+@pytest.fixture()
+def autoscaled_gateway(tiny_home: Path, tmp_path: Path) -> Iterator[str]:
+    config = default_serve_config(autoscale=True)
+    gateway = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Gateway")
+    gateway["autoscaling_config"] = GATEWAY_AUTOSCALING
+    gateway["user_config"]["routing"]["threshold"] = 0.0  # the student answers: load on the Gateway only
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = tmp_path / "serve.log"
+    subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+    env = os.environ | {"CASCADE_HOME": str(tiny_home)}
+    with log.open("w") as out:
+        process = subprocess.Popen([CASCADE, "serve", "--no-fast", "--num-cpus", "2", "--port", str(port),
+                                    "--metrics-port", str(free_port()), "--config", str(path)],
+                                   stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert process.poll() is None, log.read_text()[-4000:]
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, f"not ready after 300 s:\n{log.read_text()[-4000:]}"
+            time.sleep(2)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def wait_for_replicas(wanted: int, timeout_s: float) -> float:
+    """Seconds until Serve reports ``wanted`` RUNNING Gateway replicas (fails after ``timeout_s``)."""
+    start = time.monotonic()
+    seen = -1
+    while time.monotonic() - start < timeout_s:
+        seen = gateway_replicas()
+        if seen == wanted:
+            return time.monotonic() - start
+        time.sleep(1)
+    raise AssertionError(f"Gateway had {seen} replicas, not {wanted}, after {timeout_s:.0f} s")
+
+
+def test_gateway_scales_up_under_load_and_back_down(autoscaled_gateway: str) -> None:
+    assert wait_for_replicas(1, timeout_s=60) >= 0
+    stop = threading.Event()
+    answered = {"ok": 0, "failed": 0}
+    lock = threading.Lock()
+    texts = ["a warm, funny and beautifully acted film", "a dull and lifeless mess"] * 8
+
+    def client() -> None:
+        with httpx.Client(base_url=autoscaled_gateway, timeout=30) as http:
+            while not stop.is_set():
+                response = http.post("/v1/classify", json={"texts": texts})
+                with lock:
+                    answered["ok" if response.status_code == 200 else "failed"] += 1
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    try:
+        up = wait_for_replicas(2, timeout_s=180)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    down = wait_for_replicas(1, timeout_s=180)
+    print(f"\nscaled 1 -> 2 after {up:.1f} s of load, 2 -> 1 {down:.1f} s after it stopped; "
+          f"{answered['ok']} requests answered, {answered['failed']} failed")
+    assert answered["ok"] > 0 and answered["failed"] == 0
