@@ -136,10 +136,20 @@ def calibrate(
         min=0.0, max=1.0, help="Send this share of texts to the teacher instead of targeting agreement.")] = None,
     target_agreement: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Smallest teacher share whose answers agree with the teacher this often.")] = 0.97,
+    from_queue: Annotated[bool, typer.Option("--from-queue", help="Calibrate on recent live traffic (the queue's "
+                                             "shadow and fallback records) instead of val: the target must hold on "
+                                             "the 95% interval's lower bound.")] = False,
+    queue: Annotated[str | None, typer.Option("--queue", help="Queue URL (with --from-queue; default as for "
+                                              "`cascade queue`).")] = None,
+    since: Annotated[str | None, typer.Option(help="With --from-queue: only records this recent (e.g. 24h).")] = None,
 ) -> None:
     """Pick the deferral threshold (on val, or on live traffic) and write it into the bundle's manifest; a
     running gateway picks it up on its next poll."""
     import numpy as np
+
+    if from_queue:
+        _calibrate_from_queue(_home(home), version, queue, target_agreement, _duration_s(since) if since else None)
+        return
 
     from bundle.registry import BundleError, Registry
     from distill.build import CALIBRATION_FILE
@@ -168,57 +178,6 @@ def calibrate(
                            "val_accuracy": chosen.accuracy, "curve": str(curve)}, indent=2))
 
 
-@app.command()
-def versions(home: Home = None) -> None:
-    """List registry versions; the current one is marked."""
-    from bundle.registry import Registry
-
-    registry = Registry(_home(home))
-    current = registry.current_version()
-    for version in registry.versions():
-        typer.echo(f"{'*' if version == current else ' '} {version}")
-
-    from_queue: Annotated[bool, typer.Option("--from-queue", help="Calibrate on recent live traffic (the queue's "
-                                             "shadow and fallback records) instead of val: the target must hold on "
-                                             "the 95% interval's lower bound.")] = False,
-    queue: Annotated[str | None, typer.Option("--queue", help="Queue URL (with --from-queue; default as for "
-                                              "`cascade queue`).")] = None,
-    since: Annotated[str | None, typer.Option(help="With --from-queue: only records this recent (e.g. 24h).")] = None,
-
-@app.command()
-def promote(version: str, home: Home = None) -> None:
-    """Make VERSION current (checksums verified first); a running gateway swaps to it."""
-    if from_queue:
-        _calibrate_from_queue(_home(home), version, queue, target_agreement, _duration_s(since) if since else None)
-        return
-
-    from bundle.registry import BundleError, Registry
-
-    try:
-        Registry(_home(home)).promote(version)
-    except BundleError as exc:
-        _fail(str(exc))
-    typer.echo(f"current -> {version}")
-
-
-@app.command()
-def rollback(home: Home = None) -> None:
-    """Return `current` to the version before the last promotion."""
-    from bundle.registry import BundleError, Registry
-
-    try:
-        version = Registry(_home(home)).rollback()
-    except BundleError as exc:
-        _fail(str(exc))
-    typer.echo(f"current -> {version}")
-
-
-FAST_PATH_ENV = {
-    # HAProxy in front of direct-ingress replicas instead of Ray's Python proxy (docs/performance.md).
-    "RAY_SERVE_ENABLE_HA_PROXY": "1",
-    # gRPC data plane between deployments, request-path logs buffered, GC frozen after start-up.
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-}
 def _calibrate_from_queue(home: Path, version: str | None, queue: str | None, target: float,
                           since_s: float | None) -> None:
     """The cheapest threshold whose live agreement's 95% lower bound reaches the target, saved in the manifest."""
@@ -251,6 +210,47 @@ def _calibrate_from_queue(home: Path, version: str | None, queue: str | None, ta
                            "note": "a gateway with routing.threshold set keeps its override"}, indent=2))
 
 
+@app.command()
+def versions(home: Home = None) -> None:
+    """List registry versions; the current one is marked."""
+    from bundle.registry import Registry
+
+    registry = Registry(_home(home))
+    current = registry.current_version()
+    for version in registry.versions():
+        typer.echo(f"{'*' if version == current else ' '} {version}")
+
+
+@app.command()
+def promote(version: str, home: Home = None) -> None:
+    """Make VERSION current (checksums verified first); a running gateway swaps to it."""
+    from bundle.registry import BundleError, Registry
+
+    try:
+        Registry(_home(home)).promote(version)
+    except BundleError as exc:
+        _fail(str(exc))
+    typer.echo(f"current -> {version}")
+
+
+@app.command()
+def rollback(home: Home = None) -> None:
+    """Return `current` to the version before the last promotion."""
+    from bundle.registry import BundleError, Registry
+
+    try:
+        version = Registry(_home(home)).rollback()
+    except BundleError as exc:
+        _fail(str(exc))
+    typer.echo(f"current -> {version}")
+
+
+FAST_PATH_ENV = {
+    # HAProxy in front of direct-ingress replicas instead of Ray's Python proxy (docs/performance.md).
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    # gRPC data plane between deployments, request-path logs buffered, GC frozen after start-up.
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+}
 # On a 2-core machine model loading starves the proxy's first health checks; give it time.
 SLOW_START_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
 
