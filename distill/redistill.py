@@ -1,21 +1,28 @@
-"""`cascade distill --from-queue`: a new student from the teacher answers the gateway collected.
+"""`cascade distill --from-queue`: a new student from the teacher answers (and true labels) the gateway collected.
 
 The new student starts from the current one's fp32 weights and trains on the base training set
-(teacher soft labels) plus the queued records (the teacher's probabilities, turned back into
-logits with its temperature). It is registered only if it passes the gate:
+(teacher soft labels) plus the queued records: a record's target is its true label where a person
+gave one (``/v1/feedback``), else the teacher's probabilities turned back into logits.
 
-- on the base test set, its accuracy is at most ``max_accuracy_drop`` below the current student's
-  (paired: the same texts, both int8 students as served);
-- on a held-out slice of the queued records (never trained on), it agrees with the teacher more
-  often than the current student does.
+Three disjoint slices of the leased records, fixed by record id so every run agrees:
 
-Records are acknowledged only after the new version is registered; a failed gate registers
-nothing and leaves the records leased until the lease runs out, then visible again.
+- the gate's held-out slice: shadow records only (a uniform sample of student-served traffic, not
+  the disagreements the fallback path keeps), never trained on;
+- the selection slice: chooses the epoch (checkpoint) on recent traffic, under a base-val constraint
+  (agreement with the teacher on base val at most ``base_val_drop`` below the current student's);
+- the rest is learnt from.
+
+The gate (routing/gate.py) decides promote, reject or wait with paired tests. A decision needs new
+evidence: against one current student, a new look is taken only once the held-out slice has grown
+by ``min_new_evidence`` since the last look, and each look spends less alpha (the state is kept in
+``work/gate_state.json``). Records are acknowledged only after the new version is registered; on
+reject or wait nothing is registered and the leases are released at once.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import tempfile
 import time
@@ -43,7 +50,8 @@ from distill.config import BuildConfig
 from distill.data import Dataset, Splits
 from distill.evaluate import evaluate_bundle, teacher_cache_dir, write_report
 from distill.export import build_student_onnx
-from records.queue import Leased, QueueBackend
+from records.queue import DisagreementRecord, Leased, QueueBackend
+from routing.gate import Paired, decide, false_promotion_rate
 
 
 class RedistillConfig(BaseModel):
@@ -60,15 +68,24 @@ class RedistillConfig(BaseModel):
     batch_size: int = Field(32, ge=1)
     min_records: int = Field(20, ge=1, description="Fewer queued records than this: nothing to learn yet.")
     max_records: int = Field(50_000, ge=1)
-    holdout_share: float = Field(0.2, gt=0, lt=1, description="Queued records kept out of training for the gate.")
-    max_accuracy_drop: float = Field(0.005, ge=-1, le=1, description="Largest base-test accuracy loss allowed "
+    holdout_share: float = Field(0.3, gt=0, lt=1, description="Shadow records kept out of training for the gate.")
+    select_share: float = Field(0.15, ge=0, lt=1, description="Other records kept out to choose the epoch on.")
+    base_val_drop: float = Field(0.01, ge=0, le=1, description="Checkpoint choice: base-val agreement with the "
+                                 "teacher may fall at most this far below the current student's.")
+    label_smoothing: float = Field(0.05, ge=0, lt=1, description="A true label's target: this much spread evenly.")
+    max_accuracy_drop: float = Field(0.005, ge=-1, le=1, description="Non-inferiority margin on the base test set "
                                      "(negative: the new student must gain that much).")
+    alpha: float = Field(0.05, gt=0, lt=1, description="Chance of ever promoting a student that is no better, over "
+                         "all looks against one current student.")
+    min_holdout_records: int = Field(20, ge=1, description="Fewer held-out shadow records: wait, do not train.")
+    min_new_evidence: float = Field(0.25, ge=0, description="A new look needs the held-out slice this much larger "
+                                    "than at the last look against the same current student.")
     lease_s: float = Field(2 * 3600, gt=0, description="How long the run holds its records.")
     promote: bool = True
 
 
 class RedistillResult(BaseModel):
-    status: str = Field(description="promoted, registered, rejected or skipped")
+    status: str = Field(description="promoted, registered, rejected, wait or skipped")
     message: str
     version: str | None = None
     parent_version: str | None = None
@@ -108,6 +125,66 @@ def _logits(runtime: StudentRuntime, texts: list[str], labels: int) -> np.ndarra
     return runtime.logits(texts) if texts else np.zeros((0, labels), dtype=np.float32)
 
 
+def target_logits(record: DisagreementRecord, n_labels: int, teacher_temperature: float, sharpen: float,
+                  label_smoothing: float) -> np.ndarray | None:
+    """What the student learns for one record: a true label outranks the teacher's answer (None: neither)."""
+    if record.label is not None:
+        probs = np.full(n_labels, label_smoothing / n_labels)
+        probs[record.label] += 1 - label_smoothing
+        return np.log(probs) * teacher_temperature
+    if record.teacher_probs is None:
+        return None
+    return np.log(np.clip(record.teacher_probs, 1e-6, 1.0)) * teacher_temperature * sharpen
+
+
+def gate_target(record: DisagreementRecord) -> int:
+    """The answer a held-out record is judged against: the true label if known, else the teacher's."""
+    return record.label if record.label is not None else int(np.argmax(record.teacher_probs))
+
+
+def split_records(leased: list[Leased], teacher_version: str, holdout_share: float,
+                  select_share: float) -> tuple[list[Leased], list[Leased], list[Leased]]:
+    """(gate held-out, checkpoint selection, learn): disjoint, stable by record id. Only shadow records of
+    the current teacher are held out for the gate: they are the unbiased sample of recent traffic."""
+    holdout, select, learn = [], [], []
+    for item in leased:
+        record = item.record
+        if (record.reason == "shadow" and record.teacher_version == teacher_version
+                and record.teacher_probs is not None and _is_holdout(record.id, holdout_share)):
+            holdout.append(item)
+        elif _is_holdout(record.id + "/select", select_share):
+            select.append(item)
+        else:
+            learn.append(item)
+    return holdout, select, learn
+
+
+def _gate_state(home: Path) -> Path:
+    return home / "work" / "gate_state.json"
+
+
+def _read_gate_state(home: Path, parent_version: str) -> dict[str, int]:
+    path = _gate_state(home)
+    state = json.loads(path.read_text()) if path.is_file() else {}
+    return state.get(parent_version, {"looks": 0, "holdout": 0})
+
+
+def _write_gate_state(home: Path, parent_version: str, looks: int, holdout: int) -> None:
+    path = _gate_state(home)
+    state = json.loads(path.read_text()) if path.is_file() else {}
+    state[parent_version] = {"looks": looks, "holdout": holdout}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(state, indent=2))
+
+
+def _wait(queue: QueueBackend, leased: list[Leased], parent: Bundle, message: str,
+          gate: dict[str, Any] | None = None, status: str = "wait") -> RedistillResult:
+    """Nothing registered; the leases end now, so the records are there for the next run."""
+    queue.release([item.token for item in leased])
+    return RedistillResult(status=status, parent_version=parent.version, gate=gate or {}, records_used=len(leased),
+                           message=message)
+
+
 def redistill(home: Path, queue: QueueBackend, cfg: RedistillConfig) -> RedistillResult:
     """One run: lease, train, export, gate, register (and promote), acknowledge."""
     registry = Registry(home)
@@ -121,34 +198,67 @@ def redistill(home: Path, queue: QueueBackend, cfg: RedistillConfig) -> Redistil
     import torch
 
     torch.set_num_threads(build_cfg.threads)
-    holdout = [item for item in leased if _is_holdout(item.record.id, cfg.holdout_share)]
-    learn = [item for item in leased if not _is_holdout(item.record.id, cfg.holdout_share)]
+    holdout, select, learn = split_records(leased, parent.teacher_version, cfg.holdout_share, cfg.select_share)
+    prior = _read_gate_state(home, parent.version)
+    if len(holdout) < cfg.min_holdout_records:
+        return _wait(queue, leased, parent, f"{len(holdout)} held-out shadow records (< {cfg.min_holdout_records}): "
+                     "not enough recent traffic to judge a new student yet")
+    needed = int(np.ceil(prior["holdout"] * (1 + cfg.min_new_evidence)))
+    if prior["looks"] and len(holdout) < needed:
+        return _wait(queue, leased, parent, f"the gate looked {prior['looks']} time(s) at {prior['holdout']} "
+                     f"held-out records against {parent.version}; a new look needs new evidence: {needed} "
+                     f"(now {len(holdout)})")
     splits = splits_for(build_cfg)
     base_logits = _teacher_logits(parent, splits, build_cfg.max_length, build_cfg.threads)
+    n_labels, max_length = len(parent.manifest.labels), build_cfg.max_length
     t_teacher = parent.manifest.temperatures.teacher
-    queued_logits = np.array([np.log(np.clip(item.record.teacher_probs, 1e-6, 1.0)) * t_teacher * cfg.queue_sharpen
-                              for item in learn],
-                             dtype=np.float32).reshape(len(learn), len(parent.manifest.labels))
+
+    def targets(items: list[Leased]) -> tuple[list[str], np.ndarray]:
+        rows = [(item.record.text, target_logits(item.record, n_labels, t_teacher, cfg.queue_sharpen,
+                                                 cfg.label_smoothing)) for item in items]
+        rows = [(text, row) for text, row in rows if row is not None]
+        return [text for text, _ in rows], np.array([row for _, row in rows], np.float32).reshape(len(rows), n_labels)
+
+    learn_texts, queued_logits = targets(learn)
+    select_texts, select_logits = targets(select)
     repeat = cfg.queue_weight
     combined = Dataset(
         name=f"{splits.train.name}+queue",
-        texts=splits.train.texts + [item.record.text for item in learn] * repeat,
+        texts=splits.train.texts + learn_texts * repeat,
         labels=np.concatenate([splits.train.labels, np.tile(queued_logits.argmax(-1), repeat)]).astype(np.int64),
         label_names=splits.train.label_names,
     )
     soft = np.concatenate([base_logits["train"], np.tile(queued_logits, (repeat, 1))]).astype(np.float32)
-    tqdm.write(f"re-distilling {parent.version}: {len(splits.train)} base + {len(learn)} queued texts "
-               f"({len(holdout)} held out for the gate)")
+    labelled = sum(item.record.label is not None for item in learn)
+    tqdm.write(f"re-distilling {parent.version}: {len(splits.train)} base + {len(learn_texts)} queued texts "
+               f"({labelled} with true labels; {len(select_texts)} choose the epoch, {len(holdout)} held out for "
+               "the gate)")
 
-    tokenizer = train.load_tokenizer(parent.tokenizer_dir)
+    current = StudentRuntime(parent.student_path, parent.tokenizer_dir, max_length, build_cfg.threads)
     val_teacher_labels = base_logits["val"].argmax(-1)
+    base_val_floor = float((_logits(current, splits.val.texts, n_labels).argmax(-1) == val_teacher_labels).mean()
+                           ) - cfg.base_val_drop
+    select_labels = select_logits.argmax(-1)
+    n_val = len(splits.val)
+    checkpoints: list[dict[str, float]] = []
+
+    def checkpoint_score(logits: np.ndarray) -> float:
+        """Agreement on the selection slice of recent traffic, for epochs that keep base val above its floor."""
+        base = float((logits[:n_val].argmax(-1) == val_teacher_labels).mean())
+        recent = float((logits[n_val:].argmax(-1) == select_labels).mean()) if len(select_labels) else base
+        checkpoints.append({"base_val_agreement": base, "selection_agreement": recent})
+        return recent if base >= base_val_floor else base - 1.0
+
+    selection_set = Dataset(name=f"{splits.val.name}+selection", texts=splits.val.texts + select_texts,
+                            labels=np.concatenate([splits.val.labels, select_labels]).astype(np.int64),
+                            label_names=splits.val.label_names)
+    tokenizer = train.load_tokenizer(parent.tokenizer_dir)
     student, _ = train.fit(
-        _starting_student(parent, build_cfg), tokenizer, combined, splits.val, epochs=cfg.epochs, lr=cfg.lr,
+        _starting_student(parent, build_cfg), tokenizer, combined, selection_set, epochs=cfg.epochs, lr=cfg.lr,
         batch_size=cfg.batch_size, max_length=build_cfg.max_length,
         loss_fn=train.distillation_loss(build_cfg.distillation.alpha, build_cfg.distillation.temperature),
-        soft_targets=soft,
-        score=lambda logits: float((logits.argmax(-1) == val_teacher_labels).mean()), bucket_by_length=True,
-        seed=build_cfg.seed, desc="re-distillation",
+        soft_targets=soft, score=checkpoint_score, bucket_by_length=True, seed=build_cfg.seed,
+        desc="re-distillation",
     )
 
     registry.root.mkdir(parents=True, exist_ok=True)
@@ -160,39 +270,39 @@ def redistill(home: Path, queue: QueueBackend, cfg: RedistillConfig) -> Redistil
         student.save_pretrained(str(staging / STUDENT_FP32_DIR), safe_serialization=True)
         quantization = build_student_onnx(student, tokenizer, splits.val.texts[:256], build_cfg.max_length,
                                           staging / STUDENT_FILE)
-        n_labels, max_length = len(parent.manifest.labels), build_cfg.max_length
-        current = StudentRuntime(parent.student_path, parent.tokenizer_dir, max_length, build_cfg.threads)
         candidate = StudentRuntime(staging / STUDENT_FILE, parent.tokenizer_dir, max_length, build_cfg.threads)
         holdout_texts = [item.record.text for item in holdout]
-        holdout_teacher = np.array([np.argmax(item.record.teacher_probs) for item in holdout])
+        holdout_targets = np.array([gate_target(item.record) for item in holdout])
         test_student = _logits(candidate, splits.test.texts, n_labels)
         old_test = _logits(current, splits.test.texts, n_labels).argmax(-1)
         new_test = test_student.argmax(-1)
         old_hold = _logits(current, holdout_texts, n_labels).argmax(-1)
         new_hold = _logits(candidate, holdout_texts, n_labels).argmax(-1)
-        gate = {
+        holdout_pair = Paired.of(holdout_targets, old_hold, new_hold)
+        base_pair = Paired.of(splits.test.labels, old_test, new_test)
+        look = prior["looks"] + 1
+        decision = decide(holdout_pair, base_pair, margin=cfg.max_accuracy_drop, alpha=cfg.alpha, look=look)
+        _write_gate_state(home, parent.version, look, len(holdout))
+        gate = decision.as_dict() | {
+            "false_promotion": false_promotion_rate(holdout_pair, base_pair, margin=cfg.max_accuracy_drop,
+                                                    alpha=cfg.alpha, look=look),
             "base_test_texts": len(splits.test),
             "current_test_accuracy": float((old_test == splits.test.labels).mean()),
             "new_test_accuracy": float((new_test == splits.test.labels).mean()),
             "holdout_records": len(holdout),
-            "current_holdout_agreement": float((old_hold == holdout_teacher).mean()) if holdout else None,
-            "new_holdout_agreement": float((new_hold == holdout_teacher).mean()) if holdout else None,
+            "holdout_labelled": int(sum(item.record.label is not None for item in holdout)),
+            "current_holdout_agreement": float((old_hold == holdout_targets).mean()),
+            "new_holdout_agreement": float((new_hold == holdout_targets).mean()),
+            "checkpoints": checkpoints,
+            "base_val_floor": base_val_floor,
             "max_accuracy_drop": cfg.max_accuracy_drop,
+            "passed": decision.outcome == "promote",
         }
-        accuracy_ok = gate["new_test_accuracy"] >= gate["current_test_accuracy"] - cfg.max_accuracy_drop
-        closer_ok = bool(holdout) and gate["new_holdout_agreement"] > gate["current_holdout_agreement"]
-        gate["passed"] = accuracy_ok and closer_ok
-        if not gate["passed"]:
-            why = []
-            if not accuracy_ok:
-                why.append(f"base test accuracy {gate['new_test_accuracy']:.4f} < current "
-                           f"{gate['current_test_accuracy']:.4f} - {cfg.max_accuracy_drop}")
-            if not closer_ok:
-                why.append("not closer to the teacher on the held-out queued records"
-                           if holdout else "no held-out queued records to compare on")
+        if decision.outcome != "promote":
             shutil.rmtree(staging, ignore_errors=True)
-            return RedistillResult(status="rejected", parent_version=parent.version, gate=gate,
-                                   records_used=len(leased), message="gate failed: " + "; ".join(why))
+            status = "rejected" if decision.outcome == "reject" else "wait"
+            return _wait(queue, leased, parent, f"gate: {decision.outcome}: " + "; ".join(decision.reasons), gate,
+                         status)
 
         val_student = _logits(candidate, splits.val.texts, n_labels)
         fields = calibrate_bundle_dir(staging, build_cfg, val_student, base_logits["val"], splits.val.labels,
@@ -201,7 +311,9 @@ def redistill(home: Path, queue: QueueBackend, cfg: RedistillConfig) -> Redistil
         fields |= {
             "labels": parent.manifest.labels,
             "max_length": build_cfg.max_length,
-            "source_data": parent.manifest.source_data | {"queue": {"records": len(learn), "held_out": len(holdout)}},
+            "source_data": parent.manifest.source_data | {"queue": {"records": len(learn_texts),
+                                                                    "selection": len(select_texts),
+                                                                    "held_out": len(holdout)}},
             "parent_version": parent.version,
             "teacher_version": parent.teacher_version,
             "teacher": parent.manifest.teacher,
@@ -224,4 +336,5 @@ def redistill(home: Path, queue: QueueBackend, cfg: RedistillConfig) -> Redistil
     queue.ack([item.token for item in leased])
     return RedistillResult(status="promoted" if cfg.promote else "registered", version=bundle.version,
                            parent_version=parent.version, gate=gate, records_used=len(leased),
-                           message=f"{bundle.version} registered from {len(learn)} queued records")
+                           message=f"{bundle.version} registered from {len(learn_texts)} queued records; "
+                           + "; ".join(decision.reasons))

@@ -119,6 +119,7 @@ class QueueBackend(Protocol):
     def append(self, records: list[DisagreementRecord]) -> None: ...
     def lease(self, limit: int, lease_s: float, consumer: str = "distill") -> list[Leased]: ...
     def ack(self, tokens: list[str]) -> int: ...
+    def release(self, tokens: list[str]) -> None: ...
     def stats(self) -> QueueStats: ...
     def export(self) -> Iterator[DisagreementRecord]: ...
     def purge(self) -> int: ...
@@ -175,6 +176,13 @@ class SqliteQueue:
             deleted = self._db.executemany("DELETE FROM records WHERE id = ?", [(t,) for t in tokens]).rowcount
             self._db.execute("COMMIT")
         return deleted
+
+    def release(self, tokens: list[str]) -> None:
+        """End leases early (a consumer that decided to wait): the records are visible again at once."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany("UPDATE records SET leased_until = 0 WHERE id = ?", [(t,) for t in tokens])
+            self._db.execute("COMMIT")
 
     def stats(self) -> QueueStats:
         with self._lock:
@@ -261,6 +269,12 @@ class RedisQueue:
         pipe.xack(self.stream, self.group, *tokens)
         pipe.xdel(self.stream, *tokens)
         return int(pipe.execute()[0])
+
+    def release(self, tokens: list[str], consumer: str = "distill") -> None:
+        """End leases early: mark the entries idle for long, so the next lease's XAUTOCLAIM takes them."""
+        if tokens:
+            self._ensure_group()
+            self._redis.xclaim(self.stream, self.group, consumer, 0, tokens, idle=2**40, justid=True)
 
     def stats(self) -> QueueStats:
         self._ensure_group()

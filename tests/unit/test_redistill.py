@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +10,8 @@ import numpy as np
 from bundle.registry import Registry
 from bundle.runtime import StudentRuntime, TeacherRuntime
 from distill.data import load_amazon_snippets
-from distill.redistill import RedistillConfig, redistill
-from records.queue import SqliteQueue, teacher_answer_records
+from distill.redistill import RedistillConfig, gate_target, redistill, split_records, target_logits
+from records.queue import DisagreementRecord, Leased, SqliteQueue, teacher_answer_records
 from routing.confidence import softmax
 
 
@@ -36,18 +36,65 @@ def test_too_few_records_is_a_skip(tiny_home_copy: Path) -> None:
     assert result.status == "skipped" and "5 queued records" in result.message
 
 
-def test_a_failed_gate_registers_nothing_and_keeps_the_records(tiny_home_copy: Path) -> None:
+def test_a_failed_gate_registers_nothing_and_releases_the_records(tiny_home_copy: Path) -> None:
     registry = Registry(tiny_home_copy)
     versions, current = registry.versions(), registry.current_version()
     queue = fill_queue(tiny_home_copy, 60)
-    # An impossible gate: the new student would have to beat the current one by 100 points.
-    result = redistill(tiny_home_copy, queue, RedistillConfig(epochs=1, max_accuracy_drop=-1.0, lease_s=0.5))
+    # An impossible margin: the new student would have to beat the current one by 100 points on the base set.
+    result = redistill(tiny_home_copy, queue, RedistillConfig(epochs=1, max_accuracy_drop=-1.0, min_holdout_records=1))
     assert result.status == "rejected" and "base test accuracy" in result.message
-    assert result.gate["holdout_records"] > 0 and not result.gate["passed"]
+    gate = result.gate
+    assert gate["holdout_records"] > 0 and not gate["passed"] and gate["outcome"] == "reject"
+    assert gate["holdout"]["records"] == gate["holdout_records"]
+    assert {"new_only", "old_only", "p_better", "p_worse"} <= set(gate["holdout"])
+    assert 0 <= gate["false_promotion"]["rate"] <= 0.05
+    assert gate["checkpoints"] and all("selection_agreement" in c for c in gate["checkpoints"])
     assert registry.versions() == versions and registry.current_version() == current
     assert queue.stats().backlog == 60
     assert not list((tiny_home_copy / "registry").glob(".staging-*"))
-    # The lease runs out and the records can be leased again.
-    time.sleep(0.6)
-    assert len(queue.lease(100, lease_s=60)) == 60
-    assert np.isfinite(result.gate["new_test_accuracy"])
+    assert len(queue.lease(100, lease_s=60)) == 60  # released at once, not after the lease
+    assert np.isfinite(gate["new_test_accuracy"])
+
+
+def test_wait_without_enough_held_out_traffic_or_without_new_evidence(tiny_home_copy: Path) -> None:
+    queue = fill_queue(tiny_home_copy, 30)
+    result = redistill(tiny_home_copy, queue, RedistillConfig(min_holdout_records=1000))
+    assert result.status == "wait" and "held-out shadow records" in result.message
+    leased = queue.lease(100, lease_s=60)
+    assert len(leased) == 30  # released at once
+    queue.release([item.token for item in leased])
+    # The gate looked before at 1000 held-out records against this student: 30 records are no new evidence.
+    parent = Registry(tiny_home_copy).current_version()
+    (tiny_home_copy / "work").mkdir(exist_ok=True)
+    (tiny_home_copy / "work" / "gate_state.json").write_text(json.dumps({parent: {"looks": 1, "holdout": 1000}}))
+    result = redistill(tiny_home_copy, queue, RedistillConfig(min_holdout_records=1))
+    assert result.status == "wait" and "needs new evidence" in result.message
+
+
+def record(reason: str, label: int | None = None, teacher: list[float] | None = (0.2, 0.8),
+           teacher_version: str = "t") -> DisagreementRecord:
+    return DisagreementRecord(text="x", student_probs=[0.6, 0.4], teacher_probs=None if teacher is None else
+                              list(teacher), student_version="s", teacher_version=teacher_version, reason=reason,
+                              label=label)
+
+
+def test_a_true_label_outranks_the_teachers_answer() -> None:
+    labelled = target_logits(record("feedback", label=0), 2, 1.5, 1.0, 0.05)
+    assert labelled is not None and labelled.argmax() == 0  # the teacher said 1
+    assert gate_target(record("feedback", label=0)) == 0 and gate_target(record("shadow")) == 1
+    assert target_logits(record("shadow"), 2, 1.5, 1.0, 0.05).argmax() == 1
+    assert target_logits(record("feedback", label=None, teacher=None), 2, 1.5, 1.0, 0.05) is None
+
+
+def test_only_shadow_records_of_the_current_teacher_are_held_out_and_slices_are_disjoint() -> None:
+    records = [record("shadow") for _ in range(300)] + [record("fallback") for _ in range(300)]
+    records += [record("shadow", teacher_version="old") for _ in range(100)]
+    leased = [Leased(token=r.id, record=r) for r in records]
+    holdout, select, learn = split_records(leased, "t", 0.3, 0.15)
+    assert all(item.record.reason == "shadow" and item.record.teacher_version == "t" for item in holdout)
+    assert 60 < len(holdout) < 120  # about 30% of 300
+    assert 50 < len(select) < 160
+    ids = [{item.token for item in part} for part in (holdout, select, learn)]
+    assert sum(map(len, ids)) == len(records) == len(set().union(*ids))
+    again, _, _ = split_records(leased, "t", 0.3, 0.15)
+    assert [item.token for item in again] == [item.token for item in holdout]  # stable by id
