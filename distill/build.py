@@ -49,7 +49,7 @@ from routing.calibration import fit_temperature
 from routing.confidence import ConfidenceMeasure, softmax
 
 CALIBRATION_FILE = "calibration.npz"
-TEACHER_CACHE = "teacher_cache"
+TEACHER_CACHE = "teacher_answers"  # the folder distill.evaluate.teacher_cache_dir reads: eval reuses build answers
 
 
 def splits_for(cfg: BuildConfig) -> Splits:
