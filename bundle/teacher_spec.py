@@ -18,9 +18,12 @@ class RemoteTeacherSettings(BaseModel):
         "what Hugging Face text-classification runtimes (mlserver-huggingface) answer; mapped by label name.")
     output_name: str | None = Field(None, description="Which output to read (default: the first).")
     scores: Literal["logits", "probabilities"] = Field("logits", description="What a `tensor` output holds.")
-    input_name: str = Field("text", description="Name of the BYTES input tensor (mlserver-huggingface: `args`).")
-    parameters: dict[str, Any] = Field(default_factory=dict, description="Request-level OIP `parameters`, passed "
-                                       "as they are (e.g. a runtime's content type or pipeline options).")
+    input_name: str = Field("text", description="Name of the BYTES input tensor of texts (mlserver-huggingface: "
+                            "`array_inputs`, which its runtime passes to the pipeline as one list).")
+    extra_inputs: list[dict[str, Any]] = Field(default_factory=list, description="Further OIP input tensors sent "
+                                               "as they are with every call, e.g. mlserver-huggingface's {name: "
+                                               "top_k, datatype: INT32, shape: [1], data: [<labels>]} so it "
+                                               "answers every label's score, not just the top one.")
     label_names: list[str] | None = Field(None, description="The server's label order for `tensor` "
                                           "(default: the bundle's labels, in order).")
     timeout_s: float = Field(5.0, gt=0.0, description="Per HTTP call.")

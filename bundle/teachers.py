@@ -201,7 +201,7 @@ class RemoteTeacher:
         self.infer_url = f"{self.base}/v2/models/{settings.model}/infer"
         self.ready_url = f"{self.base}/v2/models/{settings.model}/ready"
         self.identity = "remote:" + hashlib.sha256(settings.model_dump_json(
-            include={"url", "model", "output", "output_name", "scores", "input_name", "parameters", "label_names"}
+            include={"url", "model", "output", "output_name", "scores", "input_name", "extra_inputs", "label_names"}
         ).encode()).hexdigest()[:16]
         self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s)
         self._client: httpx.AsyncClient | None = None
@@ -248,10 +248,8 @@ class RemoteTeacher:
             raise TeacherUnavailable(f"remote teacher {self.infer_url}: circuit breaker open after "
                                      f"{self.breaker.consecutive} consecutive failures ({self.last_error})")
         client, semaphore = self._http()
-        body: dict[str, Any] = {"inputs": [{"name": self.settings.input_name, "datatype": "BYTES",
-                                            "shape": [len(texts)], "data": texts}]}
-        if self.settings.parameters:
-            body["parameters"] = self.settings.parameters
+        body = {"inputs": [{"name": self.settings.input_name, "datatype": "BYTES", "shape": [len(texts)],
+                            "data": texts}, *self.settings.extra_inputs]}
         try:
             async with semaphore:
                 response = await client.post(self.infer_url, json=body)

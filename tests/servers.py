@@ -1,7 +1,9 @@
-"""Real servers for the tests, from Debian packages, on 127.0.0.1 and free ports only."""
+"""Real servers for the tests (Debian packages, MLServer in its own venv), on 127.0.0.1 and free ports only."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import socket
 import subprocess
@@ -10,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 
 
@@ -42,3 +45,111 @@ def redis_server(workdir: Path) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+MLSERVER_VENV = ROOT / ".tools" / "mlserver-venv"
+MLSERVER = MLSERVER_VENV / "bin" / "mlserver"
+
+
+def mlserver_binary() -> Path:
+    """MLServer in its own venv (its pins clash with Ray's), made by `make mlserver` when missing."""
+    if not MLSERVER.is_file():
+        subprocess.run(["make", "-C", str(ROOT), "mlserver"], check=True, timeout=1800)
+    return MLSERVER
+
+
+def hf_teacher_folder(bundle_dir: Path, target: Path) -> Path:
+    """One Hugging Face folder (model + tokenizer) from a bundle's teacher/ and tokenizer/, as a server loads it."""
+    target.mkdir(parents=True, exist_ok=True)
+    for source in ("teacher", "tokenizer"):
+        for path in (bundle_dir / source).iterdir():
+            shutil.copy2(path, target / path.name)
+    return target
+
+
+def hf_model_settings(name: str, model_dir: Path) -> dict:
+    """mlserver-huggingface serving a local text-classification folder (every label's score, not just the top)."""
+    return {"name": name, "implementation": "mlserver_huggingface.HuggingFaceRuntime",
+            "parameters": {"extra": {"task": "text-classification", "pretrained_model": str(model_dir),
+                                     "pretrained_tokenizer": str(model_dir)}}}
+
+
+def logits_model_settings(name: str, model_dir: Path, max_length: int) -> dict:
+    """Our own MLServer runtime (tests/mlserver_runtimes) answering an FP32 logits tensor: the `tensor` output."""
+    return {"name": name, "implementation": "logits_runtime.LogitsRuntime",
+            "parameters": {"uri": str(model_dir), "extra": {"max_length": max_length}}}
+
+
+RUNTIMES = Path(__file__).resolve().parent / "mlserver_runtimes"
+
+
+class MLServer:
+    """``mlserver start`` on 127.0.0.1 and free ports, with a models folder; killable and restartable."""
+
+    def __init__(self, workdir: Path, models: dict[str, dict], port: int | None = None) -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.metrics_port = free_port()
+        self.models = models
+        self.process: subprocess.Popen | None = None
+        self.log = workdir / "mlserver.log"
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "settings.json").write_text(json.dumps({
+            "host": "127.0.0.1", "http_port": self.port, "grpc_port": free_port(), "metrics_port": self.metrics_port,
+            "parallel_workers": 0, "load_models_at_startup": True, "debug": False}))
+        for name, settings in models.items():
+            (workdir / name).mkdir(exist_ok=True)
+            (workdir / name / "model-settings.json").write_text(json.dumps(settings))
+            for runtime in RUNTIMES.glob("*.py"):  # MLServer imports a custom runtime from the model's folder
+                shutil.copy2(runtime, workdir / name / runtime.name)
+
+    def start(self, timeout_s: float = 180.0) -> float:
+        """Start and wait until every model is ready; returns the time that took (seconds)."""
+        started = time.monotonic()
+        env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                            "MKL_NUM_THREADS": "1"}
+        with self.log.open("a") as log:
+            self.process = subprocess.Popen([str(mlserver_binary()), "start", str(self.workdir)], cwd=self.workdir,
+                                            env=env, stdout=log, stderr=subprocess.STDOUT)
+        while not self.ready():
+            if self.process.poll() is not None or time.monotonic() - started > timeout_s:
+                self.stop()
+                raise RuntimeError(f"MLServer did not become ready; log:\n{self.log.read_text()[-4000:]}")
+            time.sleep(0.2)
+        return time.monotonic() - started
+
+    def ready(self) -> bool:
+        try:
+            if httpx.get(f"{self.url}/v2/health/ready", timeout=1.0).status_code != 200:
+                return False
+            return all(httpx.get(f"{self.url}/v2/models/{name}/ready", timeout=1.0).status_code == 200
+                       for name in self.models)
+        except httpx.HTTPError:
+            return False
+
+    def kill(self) -> None:
+        """``kill -9``: no goodbye to clients, connections drop mid-call."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@contextmanager
+def mlserver(workdir: Path, models: dict[str, dict]) -> Iterator[MLServer]:
+    """A started MLServer serving ``models`` (name -> model-settings); stopped afterwards."""
+    server = MLServer(workdir, models)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
