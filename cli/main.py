@@ -480,6 +480,9 @@ def drift_demo(home: Home = None,
                port: Annotated[int, typer.Option(help="Port of the demo's own gateway (127.0.0.1).")] = 8765,
                epochs: Annotated[int, typer.Option(help="Re-distillation epochs.")] = 2,
                queue_sharpen: Annotated[float, typer.Option(min=1.0, help="Passed to `cascade distill`.")] = 1.0,
+               runs: Annotated[int, typer.Option(min=1, help="Runs, each with its own seed and stream order.")] = 3,
+               texts: Annotated[int | None, typer.Option(min=30, help="Use only this many Amazon texts (a smoke "
+                                                         "run on a tiny bundle); default all.")] = None,
                ) -> None:
     """Show the loop on the shifted domain: stream Amazon texts, re-distill from the queue, measure again.
 
@@ -487,7 +490,8 @@ def drift_demo(home: Home = None,
     """
     from cli.drift_demo import run
 
-    raise typer.Exit(code=run(_home(home), port=port, epochs=epochs, queue_sharpen=queue_sharpen))
+    raise typer.Exit(code=run(_home(home), port=port, epochs=epochs, queue_sharpen=queue_sharpen, runs=runs,
+                              texts=texts))
 
 
 @app.command()

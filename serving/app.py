@@ -27,7 +27,7 @@ from ray.serve import Application
 
 from serving.deployment import AutoscalingSettings, serve_deployment
 from serving.gateway import Gateway
-from serving.settings import GatewayConfig, TeacherDeploymentConfig
+from serving.settings import GatewayConfig, ProcessLimits, TeacherDeploymentConfig
 from serving.teacher import Teacher
 
 APP_NAME = "cascade"
@@ -73,6 +73,7 @@ def default_serve_config(port: int = 8000, autoscale: bool = False) -> dict[str,
     ``autoscale`` puts each deployment's ``AUTOSCALING`` config in place of its fixed ``num_replicas``.
     """
     gateway = GatewayConfig().model_dump(mode="json", exclude={"model": {"home"}})
+    limits = ProcessLimits()
 
     def deployment(name: str, user_config: dict[str, Any]) -> dict[str, Any]:
         autoscaling = AUTOSCALING[name].model_copy(update={"enabled": autoscale})
@@ -80,7 +81,10 @@ def default_serve_config(port: int = 8000, autoscale: bool = False) -> dict[str,
 
     return {
         "proxy_location": "EveryNode",
-        "http_options": {"host": "0.0.0.0", "port": port},
+        # Serve ignores process_limits (an extra key); `cascade serve` and the chart turn it into HAProxy's
+        # environment and these http_options (ProcessLimits).
+        "process_limits": limits.model_dump(),
+        "http_options": {"host": "0.0.0.0", "port": port, **limits.http_options()},
         "logging_config": {"enable_access_log": False, "log_level": "INFO"},
         "applications": [{
             "name": APP_NAME,

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from serving.deployment import GatewayValues, TeacherValues
+from serving.settings import ProcessLimits
 
 QUANTITY = r"^[0-9]+(Mi|Gi|Ti)$"
 
@@ -127,6 +128,12 @@ class Serve(ChartModel):
     fast_path: bool = Field(True, description="HAProxy ingress + throughput-optimised Serve (docs/performance.md).")
     proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] = Field("EveryNode", alias="proxy_location")
     http_options: HttpOptions = Field(default_factory=HttpOptions, alias="http_options")
+    process_limits: ProcessLimits = Field(default_factory=ProcessLimits, alias="process_limits", description="Limits "
+                                          "that protect HAProxy and the replicas (serving/settings.py "
+                                          "ProcessLimits): set as the Ray pods' RAY_SERVE_HAPROXY_* environment "
+                                          "and http_options' timeouts, read when Ray starts. KubeRay makes a new "
+                                          "cluster when the pods' environment changes (every field but "
+                                          "keep_alive_timeout_s, which takes effect with the next new cluster).")
     logging_config: dict[str, Any] = Field(default_factory=dict, alias="logging_config")
     application: Application
     gateway: GatewayValues

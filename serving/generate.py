@@ -26,6 +26,7 @@ from pydantic import BaseModel
 
 from serving.app import AUTOSCALING, default_serve_config
 from serving.chart import ChartValues
+from serving.settings import ProcessLimits
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDTH = 118
@@ -62,8 +63,12 @@ def chart_values() -> dict[str, Any]:
         deployment["user_config"] = user_config
     deployments["Gateway"]["user_config"]["queue"].pop("url")  # the chart sets it from queue.backend
     deployments["Teacher"]["user_config"].pop("model")  # the chart gives the Teacher the Gateway's model
-    serve = {"fastPath": True, "proxy_location": config["proxy_location"], "http_options": config["http_options"],
-             "logging_config": config["logging_config"], "application": application,
+    # http_options' timeouts: the chart sets them from process_limits, their one place.
+    limits = ProcessLimits.model_validate(config["process_limits"])
+    http_options = {k: v for k, v in config["http_options"].items() if k not in limits.http_options()}
+    serve = {"fastPath": True, "proxy_location": config["proxy_location"], "http_options": http_options,
+             "process_limits": config["process_limits"], "logging_config": config["logging_config"],
+             "application": application,
              "gateway": deployments["Gateway"], "teacher": deployments["Teacher"]}
     chart = ChartValues.model_validate({"serve": serve})  # the defaults obey their own schema
     values = chart.model_dump(mode="json", by_alias=True)

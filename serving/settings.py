@@ -6,11 +6,12 @@ changed in ``deploy/serve.yaml`` (or the Helm values) and applied without a rest
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from records.queue import QueueSettings, default_queue_url
 from routing.confidence import ConfidenceMeasure
@@ -137,6 +138,81 @@ class GatewayConfig(BaseModel):
     queue: QueueSettings = Field(default_factory=QueueSettings)
     cost: CostSettings = Field(default_factory=CostSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+
+
+# HAProxy keeps this much of its buffer free for header rewrites (its tune.maxrewrite default, 1 KiB), so a
+# request's line and headers must fit in the rest: the buffer is the header limit plus this.
+HAPROXY_REWRITE_RESERVE_BYTES = 1024
+# HAProxy's own wait for a replica outlasts the end-to-end timeout by this much, so the replica's 408 comes first.
+HAPROXY_SERVER_TIMEOUT_MARGIN_S = 2
+
+
+class ProcessLimits(BaseModel):
+    """Limits that protect the serving processes from clients: slow or silent connections, huge headers, too many
+    connections, requests that never end.
+
+    Not a live ``user_config``: Ray Serve 2.60 reads HAProxy's limits only from environment variables when its
+    proxy starts, and ``http_options`` only when Serve starts. `cascade serve` reads this model from the Serve
+    config's ``process_limits`` section (default: these defaults) and sets both before Ray starts; the Helm chart
+    sets the same variables on every Ray pod. Changing a value means restarting Serve. Ray's Python proxy
+    (`cascade serve --no-fast`) honours only the two ``http_options`` fields.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="End-to-end limit on one request, so a stuck request cannot hold a replica slot "
+        "and a connection for ever. Serve's `http_options.request_timeout_s`: enforced by the replica's own HTTP "
+        "server on the fast path (by Ray's proxy with --no-fast), answered 408. HAProxy's wait for a replica "
+        "(RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S) is set 2 s longer, a backstop for a replica that hangs or a client "
+        "that turns Serve's timeout off with the `x-request-timeout-seconds` header.")
+    client_timeout_s: int = Field(
+        10, ge=1, description="How long a client may stay silent before its request is complete: before its first "
+        "byte, between header or body chunks, and while it reads the answer. Closes half-open and stalled "
+        "connections (HAProxy answers 408, or 400 mid-body) so they stop holding connection slots. "
+        "HAProxy's `timeout client` (RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S). It bounds silence, not the total "
+        "time: Ray 2.60 cannot set HAProxy's `timeout http-request`, so a client trickling a header line every "
+        "few seconds is bounded only by `max_connections`. Ray's Python proxy has no equivalent.")
+    keep_alive_timeout_s: int = Field(
+        30, ge=5, description="How long an idle keep-alive connection is kept between requests, after which it "
+        "is closed and its connection slot freed. Serve's `http_options.keep_alive_timeout_s`: HAProxy's "
+        "`timeout http-keep-alive` and the replicas' (or Ray's proxy's) uvicorn keep-alive.")
+    max_header_bytes: int = Field(
+        15 * 1024, ge=1024, le=1024 * 1024, description="Largest request line plus headers; a larger one is "
+        "answered 400 by HAProxy and never reaches a replica (memory per connection is bounded by it). HAProxy's "
+        "buffer (RAY_SERVE_HAPROXY_TUNE_BUFSIZE) is this plus the 1 KiB HAProxy reserves for rewrites; HAProxy "
+        "counts its own encoding, so the usable size is a little smaller. Ray's Python proxy has no equivalent.")
+    max_connections: int = Field(
+        4096, ge=1, description="Concurrent client connections per HAProxy (one per Ray node); beyond it new "
+        "connections wait in the kernel's accept queue instead of taking memory and file descriptors. HAProxy's "
+        "`maxconn` (RAY_SERVE_HAPROXY_MAXCONN). Requests in flight per replica are bounded separately by the "
+        "Gateway's `max_ongoing_requests` and `limits.admission_headroom`. Ray's Python proxy has no equivalent.")
+
+    @classmethod
+    def from_serve_config(cls, config: dict[str, Any]) -> ProcessLimits:
+        """The ``process_limits`` section of a Serve config; refuses ``http_options`` that say otherwise, so each
+        value has one place."""
+        limits = cls.model_validate(config.get("process_limits") or {})
+        http_options = config.get("http_options") or {}
+        for key, value in limits.http_options().items():
+            if key in http_options and http_options[key] != value:
+                raise ValueError(f"http_options.{key} is {http_options[key]!r} but process_limits.{key} is "
+                                 f"{value!r}: set it in process_limits only")
+        return limits
+
+    def http_options(self) -> dict[str, Any]:
+        """The Serve config's ``http_options`` these limits set (read by Serve when it starts)."""
+        return {"request_timeout_s": self.request_timeout_s, "keep_alive_timeout_s": self.keep_alive_timeout_s}
+
+    def haproxy_env(self) -> dict[str, str]:
+        """The environment Ray's HAProxy manager reads once, when the proxy starts (fast path only)."""
+        return {
+            "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": str(self.client_timeout_s),
+            "RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S": str(math.ceil(self.request_timeout_s)
+                                                      + HAPROXY_SERVER_TIMEOUT_MARGIN_S),
+            "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(self.max_header_bytes + HAPROXY_REWRITE_RESERVE_BYTES),
+            "RAY_SERVE_HAPROXY_MAXCONN": str(self.max_connections),
+        }
 
 
 class AuthSettings(BaseModel):

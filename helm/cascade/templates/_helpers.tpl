@@ -240,5 +240,17 @@ num_replicas when autoscaling.enabled (Serve refuses both). */}}
   value: "30"
 - name: RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S
   value: "30"
+{{- /* serve.process_limits as HAProxy reads them at start (serving/settings.py ProcessLimits.haproxy_env;
+a unit test renders both and compares). */}}
+{{- with .Values.serve.process_limits }}
+- name: RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S
+  value: {{ int .client_timeout_s | quote }}
+- name: RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S
+  value: {{ add (ceil .request_timeout_s) 2 | quote }}
+- name: RAY_SERVE_HAPROXY_TUNE_BUFSIZE
+  value: {{ add .max_header_bytes 1024 | quote }}
+- name: RAY_SERVE_HAPROXY_MAXCONN
+  value: {{ int .max_connections | quote }}
+{{- end }}
 {{- end }}
 {{- end -}}
