@@ -351,7 +351,9 @@ def serve(
     home: Home = None,
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
     config: Annotated[Path | None, typer.Option(
-        help="Serve config YAML (default: the built-in one, written out in deploy/serve.yaml).")] = None,
+        help="Serve config YAML (default: the built-in one, written out in deploy/serve.yaml). Its "
+        "process_limits section (request timeout, client and keep-alive timeouts, header size, connections; "
+        "serving/settings.py ProcessLimits) is applied at start: HAProxy's environment and http_options.")] = None,
     fast: Annotated[bool, typer.Option(
         help="HAProxy ingress + throughput-optimised Serve (default). --no-fast: Ray's Python proxy.")] = True,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs of the local Ray (default: all).")] = None,
@@ -359,7 +361,8 @@ def serve(
                                               "cascade_* metrics; deploy/prometheus.yml scrapes it).")] = 8080,
     address: Annotated[str | None, typer.Option(
         help="Deploy on a running Ray cluster (`ray start --head`, e.g. 127.0.0.1:6379) instead of starting one; "
-        "its nodes need the fast path's RAY_SERVE_* environment themselves (or use --no-fast).")] = None,
+        "its nodes need the fast path's RAY_SERVE_* environment themselves, process_limits' RAY_SERVE_HAPROXY_* "
+        "included (or use --no-fast).")] = None,
     autoscale: Annotated[bool, typer.Option(
         help="Serve autoscaling (serving/app.py AUTOSCALING) instead of fixed replicas; the built-in config only.")
     ] = False,
@@ -385,10 +388,20 @@ def serve(
 
     serve_config = yaml.safe_load(config.read_text()) if config else default_serve_config(port, autoscale=autoscale)
     serve_config.setdefault("http_options", {})["port"] = port
+    from pydantic import ValidationError
+
+    from serving.settings import ProcessLimits
+
+    try:  # HAProxy reads its limits only from the environment of the process that starts Ray: set them first
+        limits = ProcessLimits.from_serve_config(serve_config)
+    except (ValidationError, ValueError) as exc:
+        _fail(f"{config or 'the built-in Serve config'}: process_limits: {exc}")
+    serve_config["http_options"].update(limits.http_options())
     for key, value in SLOW_START_ENV.items():
         os.environ.setdefault(key, value)
     if fast:
         os.environ.update(FAST_PATH_ENV)
+        os.environ.update(limits.haproxy_env())
     else:
         serve_config["http_options"]["host"] = "127.0.0.1"
     os.environ["CASCADE_HOME"] = str(home)
