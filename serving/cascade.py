@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -88,6 +89,9 @@ class CascadeRouter:
         self.shadow_sent = 0
         self.shadow_agreed = 0
         self.evidence = LiveEvidence()  # the live agreement gauges' window
+        # Picked shadow texts and whether the teacher took them (the last 1,000): a refused shadow call
+        # (no spare capacity) thins the sample, so a record's probability is the share times this rate.
+        self._shadow_outcomes: deque[tuple[int, int]] = deque(maxlen=1000)
         self._background: set[asyncio.Task] = set()
         # One worker thread: ONNX Runtime work leaves the event loop, which keeps accepting
         # requests (and filling the next batch) while a batch runs.
@@ -262,8 +266,11 @@ class CascadeRouter:
         """Ask the teacher about texts the student already answered; the request has gone.
         Only spare teacher capacity is used (``TeacherGate.try_acquire_shadow``)."""
         teacher_logits, version, _ = await self._ask_teacher(texts, enforce_budget=True, shadow=True)
+        self._shadow_outcomes.append((len(texts), 0 if teacher_logits is None else len(texts)))
         if teacher_logits is None:
             return
+        picked, taken = (sum(column) for column in zip(*self._shadow_outcomes, strict=True))
+        share *= taken / picked  # refusals are taken as independent of the text (they depend on load)
         teacher_probs = softmax(teacher_logits, bundle.manifest.temperatures.teacher)
         agreed = int((teacher_probs.argmax(-1) == student_probs.argmax(-1)).sum())
         self.shadow_sent += len(texts)
