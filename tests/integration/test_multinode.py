@@ -61,8 +61,7 @@ class Cluster:
         self.starts += 1
         ports = node_ports((21000 + 500 * (self.starts % 2), 21499 + 500 * (self.starts % 2)))
         ray_start("--address", self.address, "--num-cpus", "1", "--resources", json.dumps({"teacher": 1}),
-                  "--plasma-store-socket-name", str(self.sockets / f"plasma{self.starts}"),
-                  "--raylet-socket-name", str(self.sockets / f"raylet{self.starts}"), *ports, env=self.env)
+                  "--temp-dir", str(self.sockets / f"n{self.starts}"), *ports, env=self.env)
         return int(ports[1])
 
     def kill_node(self, node_manager_port: int) -> None:
@@ -78,7 +77,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     port = free_port()
-    with tempfile.TemporaryDirectory(prefix="cmn-", dir="/tmp") as sockets:  # short: socket paths < 108 bytes
+    with tempfile.TemporaryDirectory(prefix="cmn-", dir="/tmp") as sockets:  # own temp dir per node, short
         try:
             ray_start("--head", "--port", str(port), "--num-cpus", "2", "--include-dashboard", "true",
                       "--dashboard-host", "127.0.0.1", "--dashboard-port", str(free_port()),
