@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -94,16 +93,16 @@ def _share_for(student: np.ndarray, teacher: np.ndarray, measure: str) -> float:
 
 def _live_gauge(metrics_url: str, timeout_s: float = 90.0) -> dict[str, float] | None:
     """The live agreement gauge over every Gateway replica (weighted by the records behind each)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     deadline = time.monotonic() + timeout_s
-    pattern = re.compile(r'^ray_cascade_live_(agreement|evidence)\{([^}]*)\} ([0-9.eE+-]+)$')
     while time.monotonic() < deadline:
         series: dict[tuple[str, str], dict[str, float]] = {}
-        for line in httpx.get(metrics_url, timeout=10).text.splitlines():
-            match = pattern.match(line)
-            if match:
-                labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
-                series.setdefault((labels.get("replica", ""), match.group(1)), {})[labels["stat"]] = float(
-                    match.group(3))
+        for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=10).text):
+            if family.name in ("ray_cascade_live_agreement", "ray_cascade_live_evidence"):
+                for sample in family.samples:
+                    key = (sample.labels.get("replica", ""), family.name.rsplit("_", 1)[-1])
+                    series.setdefault(key, {})[sample.labels["stat"]] = sample.value
         replicas = {replica for replica, name in series if name == "agreement" and "value" in series[(replica, name)]}
         if replicas:
             weights = {r: series.get((r, "evidence"), {}).get("records", 1.0) for r in replicas}
