@@ -76,7 +76,9 @@ build() {
 free_port() { "$BASE_PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 run_test() {
-  local work bundle container="cascade-image-test-$$"
+  local bundle
+  # Globals: the EXIT trap reads them after this function has returned.
+  container="cascade-image-test-$$"
   work="$(mktemp -d /tmp/cascade-image-test.XXXXXX)"
   cleanup() {
     "${podman[@]}" rm --force --time 60 "$container" >/dev/null 2>&1 || true
@@ -123,14 +125,15 @@ run_test() {
   users="$("${podman[@]}" top "$container" user | tail -n +2 | sort | uniq -c)"
   log "test: process users: $(echo "$users" | xargs)"
   if echo "$users" | awk '{print $2}' | grep -qx -e root -e 0; then log "test: FAIL: a process runs as root"; exit 1; fi
-  # Read-only root filesystem: a write outside the mounted paths fails.
-  if "${podman[@]}" exec "$container" touch /opt/cascade/written 2>/dev/null; then
+  # Read-only root filesystem: a write outside the mounted paths fails even for root (uid 1000 could not
+  # write there anyway, so only root's failure shows the filesystem is read-only).
+  if "${podman[@]}" exec --user root "$container" touch /opt/cascade/written 2>/dev/null; then
     log "test: FAIL: the root filesystem is writable"; exit 1
   fi
   "${podman[@]}" exec "$container" touch /tmp/written  # and /tmp (tmpfs) is writable
   # No weights inside: no model file anywhere but the test data that onnx and onnxruntime ship.
   local weights
-  weights="$("${podman[@]}" run --rm --network host --read-only --entrypoint find "$IMAGE" / -xdev \
+  weights="$("${podman[@]}" run --rm --network host --read-only --user root --entrypoint find "$IMAGE" / -xdev \
     \( -name '*.onnx' -o -name '*.safetensors' -o -name '*.pt' -o -name '*.pth' -o -name '*.ckpt' -o -name '*.gguf' \) \
     -not -path '*/site-packages/onnx/backend/test/data/*' -not -path '*/site-packages/onnxruntime/datasets/*' \
     -not -path '*/site-packages/torch/bin/test_*')"
