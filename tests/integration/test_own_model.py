@@ -1,0 +1,106 @@
+"""Use your own model: a 3-label bundle built from a data file by `cascade build --data`, served by a real gateway
+(Ray Serve on 127.0.0.1) that answers with those labels, on the student, the teacher and the cascade."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import CASCADE, run_cli
+from tests.integration.conftest import API_KEY, _stop_ray
+from tests.own_model_data import THREE_LABELS, three_label_csv, tiny_config
+from tests.servers import free_port
+
+pytestmark = pytest.mark.integration
+
+TEXTS = ["a dull, lifeless and overlong film", "one of the best films of the year, a joy",
+         "it is a movie", "the acting is fine but the plot is a mess", "I laughed, I cried, I loved it"]
+
+
+@pytest.fixture(scope="module")
+def own_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle from a 3-label CSV with its own column names; tiny settings come from the config file."""
+    work = tmp_path_factory.mktemp("own-model")
+    data = three_label_csv(work / "reviews.csv")
+    config = tiny_config(work / "build.yaml", work / "unused.csv", teacher={"epochs": 2})
+    home = work / "home"
+    run_cli("build", "--config", str(config), "--data", str(data), "--text-column", "review",
+            "--label-column", "sentiment", home=home)
+    return home
+
+
+@pytest.fixture(scope="module")
+def own_gateway(own_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    log = tmp_path_factory.mktemp("own-gateway") / "serve.log"
+    port = free_port()
+    env = os.environ | {"CASCADE_HOME": str(own_home), "CASCADE_API_KEY": API_KEY}
+    _stop_ray()
+    with log.open("w") as out:
+        # --no-fast: Ray's Python proxy, no HAProxy, whose fixed stats ports another gateway on this host may hold.
+        command = [CASCADE, "serve", "--no-fast", "--port", str(port), "--metrics-port", str(free_port())]
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"cascade serve exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gateway not ready after 300 s:\n{log.read_text()[-4000:]}")
+            time.sleep(2)
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as client:
+            yield client
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        _stop_ray()
+
+
+def _classify(client: httpx.Client, route: str) -> list[dict]:
+    response = client.post("/v1/classify", json={"texts": TEXTS, "route": route})
+    assert response.status_code == 200, response.text
+    return response.json()["results"]
+
+
+def test_the_gateway_answers_with_the_data_s_three_labels(own_home: Path, own_gateway: httpx.Client) -> None:
+    from bundle.registry import Registry
+    from bundle.runtime import StudentRuntime
+    from bundle.teachers import open_teacher, teacher_logits_sync
+
+    bundle = Registry(own_home).load()
+    assert tuple(bundle.manifest.labels) == THREE_LABELS
+    assert bundle.manifest.build["data"]["text_column"] == "review"
+    student = StudentRuntime(bundle.student_path, bundle.tokenizer_dir, bundle.manifest.max_length).logits(TEXTS)
+    teacher = teacher_logits_sync(open_teacher(bundle.manifest.teacher, bundle.path, bundle.manifest.labels), TEXTS)
+    expected = {"student": [THREE_LABELS[i] for i in student.argmax(-1)],
+                "teacher": [THREE_LABELS[i] for i in teacher.argmax(-1)]}
+    for route in ("student", "teacher", "auto"):
+        results = _classify(own_gateway, route)
+        for result in results:
+            assert set(result["probabilities"]) == set(THREE_LABELS) and result["label"] in THREE_LABELS
+            assert abs(sum(result["probabilities"].values()) - 1) < 1e-6 and not result["degraded"]
+            assert result["label"] == max(result["probabilities"], key=result["probabilities"].get)
+        if route != "auto":
+            assert [r["served_by"] for r in results] == [route] * len(TEXTS)
+            assert [r["label"] for r in results] == expected[route]  # the same model and label order as offline
+    body = {"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": TEXTS[:2]}]}
+    answer = own_gateway.post("/v2/models/student/infer", json=body).json()
+    outputs = {o["name"]: o for o in answer["outputs"]}
+    assert outputs["probabilities"]["shape"] == [2, 3]
+    assert np.allclose(np.asarray(outputs["probabilities"]["data"]).reshape(2, 3).sum(-1), 1.0, atol=1e-5)
