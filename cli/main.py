@@ -373,7 +373,6 @@ def serve(
     `serve deploy` of a changed config reconfigures the running replicas without a restart.
     """
     import signal
-    import time
 
     import yaml
 
@@ -415,34 +414,95 @@ def serve(
             runtime_env = application.setdefault("runtime_env", {})
             runtime_env.setdefault("env_vars", {})["CASCADE_HOME"] = str(home)
     schema = ServeDeploySchema.model_validate(serve_config)
+    # SIGTERM (docker stop, kill, a test's teardown) and Ctrl-C stop Serve, the local Ray and HAProxy, also
+    # while the models are still loading.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     if address:
         ray.init(address=address)
     else:
         # The dashboard (127.0.0.1 only) carries Serve's REST API: `serve status`, `serve deploy`.
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  _metrics_export_port=metrics_port)
-    client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
-                                   global_logging_config=schema.logging_config)
-    client.deploy_apps(schema, _blocking=False)
-    _wait_until_running(timeout_s=900)
-    exposed = (f"0.0.0.0:{port} (HAProxy), 0.0.0.0:8404 (HAProxy stats), 0.0.0.0:9101, replica ports from 30000"
-               if fast else f"127.0.0.1:{port}") + f"; metrics on :{metrics_port}/metrics"
-    auth = ("API key required" if os.environ.get("CASCADE_API_KEY") or os.environ.get("CASCADE_API_KEY_FILE")
-            else "no API key set (CASCADE_API_KEY): anyone who can reach these ports can call it")
-    typer.echo(f"cascade: bundle {bundle.version} ready on http://127.0.0.1:{port}\n"
-               f"  listening on: {exposed}\n  access: {auth}\n  Ctrl-C to stop", err=True)
-    # SIGTERM (docker stop, kill, a test's teardown) shuts Serve and the local Ray down cleanly.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    node_id = ray.get_runtime_context().get_node_id()
     try:
-        while True:
-            time.sleep(3600)
-    except (KeyboardInterrupt, SystemExit):
+        client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
+                                       global_logging_config=schema.logging_config)
+        client.deploy_apps(schema, _blocking=False)
+        _wait_until_running(timeout_s=900)
+        _announce_and_block(bundle.version, port, fast, metrics_port)
+    except KeyboardInterrupt:
         pass
     finally:
         from ray import serve as ray_serve
 
-        ray_serve.shutdown()
+        if address or _local_ray_alive():
+            ray_serve.shutdown()  # the controller stops the replicas and the proxies (HAProxy among them)
         ray.shutdown()
+        if not address:
+            _stop_haproxy(node_id)
+
+
+def _local_ray_alive(grace_s: float = 1.0) -> bool:
+    """Whether the local Ray's daemons survived the signal (one to our process group reaches them too).
+
+    With the GCS gone, Serve's shutdown only waits out its 30 s timeout, longer than `docker stop` allows.
+    """
+    import time
+
+    import ray
+
+    node = ray._private.worker._global_node  # the Node object of the Ray that ray.init started here
+    deadline = time.monotonic() + grace_s  # dying daemons may take a moment to exit
+    while time.monotonic() < deadline:
+        if node is None or not node.remaining_processes_alive():
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _announce_and_block(version: str, port: int, fast: bool, metrics_port: int) -> None:
+    """Say what listens where and who may call it, then sleep until a signal ends the process."""
+    import time
+
+    exposed = (f"0.0.0.0:{port} (HAProxy), 0.0.0.0:8404 (HAProxy stats), 0.0.0.0:9101, replica ports from 30000"
+               if fast else f"127.0.0.1:{port}") + f"; metrics on :{metrics_port}/metrics"
+    auth = ("API key required" if os.environ.get("CASCADE_API_KEY") or os.environ.get("CASCADE_API_KEY_FILE")
+            else "no API key set (CASCADE_API_KEY): anyone who can reach these ports can call it")
+    typer.echo(f"cascade: bundle {version} ready on http://127.0.0.1:{port}\n"
+               f"  listening on: {exposed}\n  access: {auth}\n  Ctrl-C to stop", err=True)
+    while True:
+        time.sleep(3600)
+
+
+def _stop_haproxy(node_id: str) -> None:
+    """Stop the HAProxy that Ray Serve started on this node, if it outlived Ray.
+
+    Ray Serve 2.60 runs HAProxy as a child of its HAProxyManager actor, in that actor's process group, and
+    stops it only when the controller shuts the proxy down. A signal to `cascade serve`'s process group
+    (docker stop, systemd, a terminal) also reaches Ray's GCS and raylet, which die before the controller
+    can do so: the actor's worker exits and HAProxy is orphaned, still bound to 0.0.0.0 on the serving
+    port, 8404 and 9101. Its command line names its config under this node's id, so exactly that one
+    (and any draining predecessor) is stopped here, never an HAProxy someone else runs.
+    """
+    import itertools
+
+    import psutil
+    from ray.serve._private.constants import RAY_SERVE_HAPROXY_CONFIG_FILE_LOC
+
+    config = os.path.join(os.path.dirname(RAY_SERVE_HAPROXY_CONFIG_FILE_LOC), node_id,
+                          os.path.basename(RAY_SERVE_HAPROXY_CONFIG_FILE_LOC))
+    ours = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if any(first == "-f" and second == config for first, second in itertools.pairwise(cmdline)):
+            ours.append(process)
+    for process in ours:
+        process.terminate()  # HAProxy's hard stop: close the listeners and exit
+    _, alive = psutil.wait_procs(ours, timeout=10)
+    for process in alive:
+        process.kill()
+    if ours:
+        typer.echo(f"cascade: stopped {len(ours)} HAProxy process(es) left behind by Ray Serve", err=True)
 
 
 def _wait_until_running(timeout_s: float) -> None:

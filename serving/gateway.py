@@ -122,7 +122,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     _count_refusal(exc.status_code)
-    return _error(request, exc.status_code, str(exc.detail))
+    # Starlette's own headers (405's Allow) are part of the answer (RFC 9110); dropping them broke the contract.
+    return _error(request, exc.status_code, str(exc.detail), headers=exc.headers)
 
 
 class RequestContextMiddleware:

@@ -1,0 +1,168 @@
+"""Faults under steady open-loop load: what a client sees, counted, and how long until the gateway recovers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from collections import Counter
+
+import httpx
+import pytest
+
+from loadtests.faults import FaultRow, OpenLoop, percentile_ms, recovery_s
+from tests.faults.conftest import HEADERS, long_fault, record, replica_pids
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+
+TEXTS = ["a gripping, beautifully acted film", "dull and far too long", "it was fine, i guess",
+         "not bad at all, though not great either", "the worst thing i have seen this year",
+         "an instant classic"]
+
+
+def auto_body(i: int) -> dict:
+    return {"texts": [TEXTS[i % len(TEXTS)]]}
+
+
+def test_teacher_replica_killed(gateway) -> None:
+    """kill -9 of the Teacher's worker: zero failed requests, the teacher's share answered degraded (counted
+    by reason) until Serve has started a new Teacher replica, then served by the teacher again."""
+    def body(i: int) -> dict:  # every 4th request asks for the teacher, so its absence and return are seen
+        return {"texts": [TEXTS[i % len(TEXTS)]], "route": "teacher" if i % 4 == 0 else "auto"}
+
+    (teacher,) = replica_pids("Teacher")
+    with OpenLoop(f"{gateway.url}/v1/classify", rate=10, seconds=75, body=body, headers=HEADERS) as load:
+        time.sleep(5)
+        fault_at = load.now()
+        os.kill(teacher, signal.SIGKILL)
+        load.wait()
+    outcomes = load.outcomes
+    teacher_asks = [o for i, o in enumerate(sorted(outcomes, key=lambda o: o.sent_s)) if i % 4 == 0]
+
+    def not_by_teacher(o) -> bool:
+        return o.status != 200 or any(r["served_by"] != "teacher" for r in o.results)
+
+    recovered = recovery_s(teacher_asks, fault_at, not_by_teacher)
+    row = FaultRow.from_outcomes("Teacher replica killed (kill -9), 10 req/s", outcomes, recovered,
+                                 note="recovery: until forced-teacher requests are served by the new replica")
+    record(row)
+    assert row.failed == 0, Counter(o.status for o in outcomes if o.failed)
+    assert row.degraded, "the dead teacher's share should have been answered degraded"
+    assert recovered is not None, "the teacher never answered again within the run"
+    assert replica_pids("Teacher") and replica_pids("Teacher") != [teacher]
+
+
+@long_fault
+@pytest.mark.destructive(order=5)
+def test_gateway_replica_killed(gateway) -> None:
+    """kill -9 of one of the two Gateway replicas. HAProxy (as Ray 2.60 configures it) retries only connection
+    failures (`retry-on conn-failure`, `option redispatch 1`): a request already sent to the dying replica is
+    lost and the client sees HAProxy's 502/503/504 (not JSON); new requests go to the other replica once the
+    health check marks the dead one down. Counted and printed; the client must retry (the request is
+    idempotent)."""
+    victim = replica_pids("Gateway")[0]
+    with OpenLoop(f"{gateway.url}/v1/classify", rate=20, seconds=40, body=auto_body, headers=HEADERS) as load:
+        time.sleep(5)
+        fault_at = load.now()
+        os.kill(victim, signal.SIGKILL)
+        load.wait()
+    outcomes = load.outcomes
+    recovered = recovery_s(outcomes, fault_at, lambda o: o.failed)
+    seen = Counter(str(o.status or o.error) for o in outcomes if o.failed)
+    row = FaultRow.from_outcomes("one Gateway replica killed (kill -9), 20 req/s", outcomes, recovered,
+                                 note="failed answers: " + (", ".join(f"{k} x{v}" for k, v in seen.items()) or "none"))
+    record(row)
+    assert recovered is not None, "requests were still failing at the end of the run"
+    assert row.failed <= 0.05 * row.sent, f"{row.failed} of {row.sent} failed: more than one replica's share"
+
+
+def _capacity(url: str, seconds: float = 5.0, concurrency: int = 16) -> float:
+    """Requests per second the gateway answers with ``concurrency`` requests always outstanding (closed loop)."""
+    import asyncio
+
+    async def run() -> int:
+        done = 0
+        deadline = time.monotonic() + seconds
+        async with httpx.AsyncClient(headers=HEADERS, timeout=10) as client:
+            async def worker(k: int) -> None:
+                nonlocal done
+                while time.monotonic() < deadline:
+                    if (await client.post(url, json=auto_body(k))).status_code == 200:
+                        done += 1
+            await asyncio.gather(*(worker(k) for k in range(concurrency)))
+        return done
+
+    return asyncio.run(run()) / seconds
+
+
+def test_overload_three_times_capacity(gateway) -> None:
+    """Three times the sustainable rate: refusals are fast (p99 under 50 ms), JSON, with Retry-After; accepted
+    requests keep a bounded p99; no request goes unanswered."""
+    url = f"{gateway.url}/v1/classify"
+    capacity = _capacity(url)
+    rate = 3 * capacity
+    with OpenLoop(url, rate=rate, seconds=15, body=auto_body, headers=HEADERS, timeout_s=20) as load:
+        load.wait()
+    outcomes = load.outcomes
+    refusals = [o for o in outcomes if o.status in (429, 503)]
+    refusal_p99 = percentile_ms([o.latency_s for o in refusals], 99)
+    achieved = len(outcomes) / max(o.sent_s for o in outcomes)
+    row = FaultRow.from_outcomes(f"overload: 3x capacity ({capacity:.0f} req/s closed loop) = {rate:.0f} req/s",
+                                 outcomes, None if any(o.status is None for o in outcomes[-20:]) else 0.0,
+                                 note=f"sent at {achieved:.0f} req/s; refusal p99 "
+                                      f"{'-' if refusal_p99 is None else f'{refusal_p99:.0f}'} ms")
+    record(row)
+    assert not [o for o in outcomes if o.status is None], "requests went unanswered within 20 s"
+    assert refusals, "three times capacity was not refused at all"
+    assert all(o.refused for o in refusals), "a refusal lacked its JSON body or Retry-After"
+    assert refusal_p99 is not None and refusal_p99 < 50, f"refusal p99 {refusal_p99:.0f} ms"
+    assert row.failed == 0, Counter(o.status for o in outcomes if o.failed)
+    assert row.p99_ms is not None and row.p99_ms < 5000, f"accepted p99 {row.p99_ms:.0f} ms"
+
+
+def _stalled_connection(port: int, kind: str) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    if kind == "headers":  # never finishes its headers
+        sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n")
+    else:  # promises a body it never sends
+        sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"texts\": [")
+    return sock
+
+
+def test_slow_and_half_open_clients(gateway) -> None:
+    """300 connections that never finish their headers or body, held while normal traffic runs: normal traffic
+    passes, and the stalled connections are closed by the client timeout (ProcessLimits.client_timeout_s)."""
+    from serving.settings import ProcessLimits
+
+    timeout_s = ProcessLimits().client_timeout_s
+    port = int(gateway.url.rsplit(":", 1)[1])
+    stalled = [_stalled_connection(port, "headers" if k % 2 else "body") for k in range(300)]
+    opened = time.monotonic()
+    try:
+        with OpenLoop(f"{gateway.url}/v1/classify", rate=20, seconds=timeout_s + 5, body=auto_body,
+                      headers=HEADERS) as load:
+            closed_after: list[float] = []
+            for sock in stalled:
+                sock.settimeout(max(0.1, opened + timeout_s + 15 - time.monotonic()))
+                try:
+                    while sock.recv(4096):  # HAProxy may answer 408 first; closed when recv gives b""
+                        pass
+                    closed_after.append(time.monotonic() - opened)
+                except (TimeoutError, OSError):
+                    pass
+            load.wait()
+    finally:
+        for sock in stalled:
+            sock.close()
+    outcomes = load.outcomes
+    row = FaultRow.from_outcomes(f"{len(stalled)} stalled connections (headers or body never finished), 20 req/s",
+                                 outcomes, max(closed_after, default=None),
+                                 note=f"{len(closed_after)} of {len(stalled)} closed by the server; client timeout "
+                                      f"{timeout_s} s; recovery = when the last one was closed")
+    record(row)
+    assert row.failed == 0, Counter(o.status for o in outcomes if o.failed)
+    assert len(closed_after) == len(stalled), f"only {len(closed_after)} of {len(stalled)} stalled connections closed"
+    assert max(closed_after) < timeout_s + 10
+    assert percentile_ms([o.latency_s for o in outcomes], 99) is not None

@@ -1,0 +1,90 @@
+"""`cascade serve` stops everything it started on SIGTERM and SIGINT: no HAProxy left listening.
+
+Ray Serve 2.60 starts HAProxy as a plain child of the HAProxyManager actor (``-db``, same session). A signal
+to the serve process group reaches Ray's own daemons too; when they die before Serve's controller has
+stopped the proxy, the actor's worker exits and HAProxy is orphaned, still bound to 0.0.0.0 on the
+serving port, the stats port (8404) and the metrics port (9101).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import CASCADE
+from tests.servers import free_port
+
+pytestmark = pytest.mark.integration
+
+HAPROXY_STATS_PORT = 8404
+HAPROXY_METRICS_PORT = 9101
+
+
+def _listeners(ports: set[int]) -> list[tuple[int, int | None]]:
+    """(port, pid) for every TCP socket listening on one of ``ports``."""
+    return [(conn.laddr.port, conn.pid) for conn in psutil.net_connections(kind="tcp")
+            if conn.status == psutil.CONN_LISTEN and conn.laddr.port in ports]
+
+
+def _haproxy_processes() -> list[psutil.Process]:
+    """Ray Serve's HAProxy processes: their config lies under Ray's HAProxy directory (others may run theirs)."""
+    from ray.serve._private.constants import RAY_SERVE_HAPROXY_CONFIG_FILE_LOC
+
+    ray_dir = str(Path(RAY_SERVE_HAPROXY_CONFIG_FILE_LOC).parent) + "/"
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if cmdline and Path(cmdline[0]).name == "haproxy" and any(arg.startswith(ray_dir) for arg in cmdline):
+            found.append(process)
+    return found
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_to_the_process_group_leaves_no_listener(tiny_home: Path, tmp_path: Path,
+                                                        stop_signal: signal.Signals) -> None:
+    subprocess.run([str(Path(CASCADE).with_name("ray")), "stop", "--force"], capture_output=True, timeout=120)
+    assert not _haproxy_processes(), "an HAProxy from an earlier run is still alive; the check would be void"
+    port = free_port()
+    log = tmp_path / "serve.log"
+    env = os.environ | {"CASCADE_HOME": str(tiny_home)}
+    with log.open("w") as out:
+        process = subprocess.Popen([CASCADE, "serve", "--port", str(port), "--metrics-port", str(free_port())],
+                                   stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert process.poll() is None, f"cascade serve exited early:\n{log.read_text()[-4000:]}"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, f"not ready after 300 s:\n{log.read_text()[-4000:]}"
+            time.sleep(2)
+        ports = {port, HAPROXY_STATS_PORT, HAPROXY_METRICS_PORT}
+        assert _haproxy_processes(), "the fast path should run HAProxy; nothing to check otherwise"
+        assert {p for p, _ in _listeners(ports)} == ports, "HAProxy should listen on all three ports while serving"
+
+        os.killpg(process.pid, stop_signal)  # as `docker stop`, systemd or a terminal's Ctrl-C do
+        process.wait(timeout=120)
+        deadline = time.monotonic() + 30  # the kernel may take a moment to release a dying process's sockets
+        while (_listeners(ports) or _haproxy_processes()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = _listeners(ports)
+        haproxies = [(p.pid, p.info["cmdline"]) for p in _haproxy_processes()]
+        assert not left, f"still listening after {stop_signal.name}: {left}\n{log.read_text()[-3000:]}"
+        assert not haproxies, f"HAProxy left running after {stop_signal.name}: {haproxies}"
+        assert process.returncode == 0, f"cascade serve exited with {process.returncode}"
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        for haproxy in _haproxy_processes():  # never leave a listener behind for the next test
+            haproxy.kill()
+        subprocess.run([str(Path(CASCADE).with_name("ray")), "stop", "--force"], capture_output=True, timeout=120)
