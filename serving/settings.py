@@ -155,7 +155,9 @@ class ProcessLimits(BaseModel):
     proxy starts, and ``http_options`` only when Serve starts. `cascade serve` reads this model from the Serve
     config's ``process_limits`` section (default: these defaults) and sets both before Ray starts; the Helm chart
     sets the same variables on every Ray pod. Changing a value means restarting Serve. Ray's Python proxy
-    (`cascade serve --no-fast`) honours only the two ``http_options`` fields.
+    (`cascade serve --no-fast`) honours only the two ``http_options`` fields: its uvicorn accepted a 1 MB header when
+    tried and has no timeout for a half-sent request. The same holds for the replicas' own ports (from 30000,
+    HAProxy's backends): only HAProxy's port should be reachable by clients.
     """
 
     model_config = ConfigDict(extra="forbid")
