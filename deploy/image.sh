@@ -42,7 +42,10 @@ base() {
 wheelhouse() {
   local resolver=.tools/image/resolver-venv key
   [[ -x "$resolver/bin/pip" ]] || "$BASE_PYTHON" -m venv "$resolver"
-  key="$( (cat pyproject.toml deploy/constraints.txt; "$resolver/bin/python" -VV) | sha256sum | cut -c1-16)"
+  # Keyed on what resolution depends on (the project's dependencies, the constraints, the Python), not on the
+  # rest of pyproject.toml. The Dockerfile copies the key, so a new wheelhouse also renews the install layer.
+  key="$( ("$resolver/bin/python" -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"])'
+         cat deploy/constraints.txt; "$resolver/bin/python" -VV) | sha256sum | cut -c1-16)"
   [[ "$(cat "$WHEELHOUSE/.key" 2>/dev/null)" == "$key" ]] && return
   log "wheelhouse: resolving pyproject.toml with deploy/constraints.txt for $("$resolver/bin/python" -V)"
   rm -rf "$WHEELHOUSE.partial"
@@ -131,12 +134,13 @@ run_test() {
     log "test: FAIL: the root filesystem is writable"; exit 1
   fi
   "${podman[@]}" exec "$container" touch /tmp/written  # and /tmp (tmpfs) is writable
-  # No weights inside: no model file anywhere but the test data that onnx and onnxruntime ship.
+  # No weights inside: no model file anywhere but the test data that onnx, onnxruntime and torch ship (and
+  # site-packages' own *.pth path files).
   local weights
   weights="$("${podman[@]}" run --rm --network host --read-only --user root --entrypoint find "$IMAGE" / -xdev \
     \( -name '*.onnx' -o -name '*.safetensors' -o -name '*.pt' -o -name '*.pth' -o -name '*.ckpt' -o -name '*.gguf' \) \
     -not -path '*/site-packages/onnx/backend/test/data/*' -not -path '*/site-packages/onnxruntime/datasets/*' \
-    -not -path '*/site-packages/torch/bin/test_*')"
+    -not -path '*/site-packages/torch/bin/test_*' -not -regex '.*/site-packages/[^/]*\.pth')"
   if [[ -n "$weights" ]]; then log "test: FAIL: weights in the image:"; echo "$weights" >&2; exit 1; fi
   log "test: runs as non-root, read-only root filesystem, no weights inside: ok"
   "${podman[@]}" stop --time 60 "$container" >/dev/null
@@ -144,7 +148,8 @@ run_test() {
 }
 
 case "${1:-}" in
+  wheelhouse) wheelhouse ;;
   build) build ;;
   test) build; run_test ;;
-  *) echo "usage: $0 build|test" >&2; exit 2 ;;
+  *) echo "usage: $0 wheelhouse|build|test" >&2; exit 2 ;;
 esac
