@@ -104,3 +104,50 @@ def test_the_gateway_answers_with_the_data_s_three_labels(own_home: Path, own_ga
     outputs = {o["name"]: o for o in answer["outputs"]}
     assert outputs["probabilities"]["shape"] == [2, 3]
     assert np.allclose(np.asarray(outputs["probabilities"]["data"]).reshape(2, 3).sum(-1), 1.0, atol=1e-5)
+
+
+def test_a_build_distils_from_a_remote_teacher_on_mlserver_and_caches_its_answers(
+        tiny_home: Path, tmp_path: Path) -> None:
+    """`teacher: remote`: MLServer (mlserver-huggingface) serves the tiny bundle's teacher; the build asks it for
+    every text once and caches the answers, and the bundle keeps no teacher weights."""
+    import csv
+
+    from bundle.registry import Registry
+    from distill.data import load_movie_snippets
+    from tests.servers import MLServer, hf_model_settings, hf_teacher_folder
+
+    source = Registry(tiny_home).load()
+    movies = load_movie_snippets()
+    data = tmp_path / "movies.csv"
+    with data.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["review", "sentiment"])
+        for index in np.random.default_rng(0).permutation(len(movies))[:200]:
+            writer.writerow([movies.texts[index], movies.label_names[movies.labels[index]]])
+    folder = hf_teacher_folder(source.path, tmp_path / "hf-teacher")
+    server = MLServer(tmp_path / "mlserver", {"teacher": hf_model_settings("teacher", folder)})
+    server.start()
+    remote = {"url": server.url, "model": "teacher", "output": "labels", "input_name": "array_inputs",
+              "timeout_s": 30, "retries": 1,
+              "extra_inputs": [{"name": "top_k", "datatype": "INT32", "shape": [1], "data": [2]}]}
+    config = tiny_config(tmp_path / "build.yaml", data, teacher={"kind": "remote", "remote": remote})
+    home = tmp_path / "home"
+    try:
+        run_cli("build", "--config", str(config), home=home)
+    finally:
+        server.stop()
+    bundle = Registry(home).load()
+    manifest = bundle.manifest
+    assert manifest.teacher.kind == "remote" and manifest.teacher.remote.url == server.url
+    assert not bundle.teacher_dir.exists() and manifest.build["student_init"] == "minilm"
+    assert manifest.labels == ["negative", "positive"]
+    # every build text was asked once and is kept by text hash: a rebuild or an eval does not ask again
+    import sqlite3
+
+    from distill.build import splits_for
+    from distill.config import BuildConfig
+
+    splits = splits_for(BuildConfig.model_validate(manifest.build))
+    asked = set(splits.train.texts) | set(splits.val.texts) | set(splits.test.texts)
+    with sqlite3.connect(home / "work" / "teacher_answers" / "teacher_logits.sqlite") as cache:
+        assert cache.execute("SELECT COUNT(*) FROM logits").fetchone()[0] == len(asked)
