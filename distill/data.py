@@ -265,6 +265,8 @@ def load_splits(settings: DataSettings, seed: int = 0) -> Splits:
     Own ``val`` / ``test`` files replace the matching part of the split; their labels must be the main file's.
     """
     if settings.path is None:
+        if settings.labels or settings.val or settings.test:
+            raise DatasetError("data.labels, data.val and data.test apply to your own data: give data.path (--data)")
         splits = stratified_split(load_movie_snippets(), settings.split_seed, settings.val_fraction,
                                   settings.test_fraction)
     else:

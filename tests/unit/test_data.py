@@ -138,6 +138,8 @@ def test_default_data_is_the_movie_split_unchanged() -> None:
     splits = load_splits(DataSettings())
     reference = stratified_split(load_movie_snippets())
     assert splits.test.texts == reference.test.texts and splits.train.label_names == ("negative", "positive")
+    with pytest.raises(DatasetError, match=r"give data.path \(--data\)"):
+        load_splits(DataSettings(labels=["positive", "negative"]))
 
 
 def test_malformed_ground_truth_names_the_line(tmp_path: Path) -> None:
