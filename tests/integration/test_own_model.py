@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import CASCADE, run_cli
-from tests.integration.conftest import API_KEY, _stop_ray
+from tests.integration.conftest import API_KEY, TEST_BASE, _stop_ray
 from tests.own_model_data import THREE_LABELS, three_label_csv, tiny_config
 from tests.servers import free_port
 
@@ -37,6 +37,21 @@ def own_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
+def _serve_config(port: int, path: Path) -> Path:
+    """The default Serve config with the integration tests' generous teacher settings: on a loaded 2-core machine
+    a teacher call may take longer than the default timeout, and this test is about labels, not degradation."""
+    import yaml
+
+    from serving.app import default_serve_config
+
+    config = default_serve_config(port)
+    gateway = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Gateway")
+    for section, values in TEST_BASE.items():
+        gateway["user_config"][section].update(values)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 @pytest.fixture(scope="module")
 def own_gateway(own_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     log = tmp_path_factory.mktemp("own-gateway") / "serve.log"
@@ -45,7 +60,8 @@ def own_gateway(own_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     _stop_ray()
     with log.open("w") as out:
         # --no-fast: Ray's Python proxy, no HAProxy, whose fixed stats ports another gateway on this host may hold.
-        command = [CASCADE, "serve", "--no-fast", "--port", str(port), "--metrics-port", str(free_port())]
+        command = [CASCADE, "serve", "--no-fast", "--port", str(port), "--metrics-port", str(free_port()),
+                   "--config", str(_serve_config(port, log.with_name("serve.yaml")))]
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
