@@ -46,6 +46,7 @@ from serving.schemas import (
     InferResponse,
     ModelMetadata,
     ServerMetadata,
+    json_body,
 )
 from serving.settings import AuthSettings, GatewayConfig, queue_url
 
@@ -69,8 +70,14 @@ api = FastAPI(
     title="Cascade",
     version="0.1.0",
     description="Distilled int8 student first; the teacher only when the student is unsure.",
-    responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
-               422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    # Every answer the routes give, each with the JSON error body (schemathesis checks the document against them).
+    responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse},
+               404: {"model": ErrorResponse, "description": "Unknown model name or version"},
+               405: {"model": ErrorResponse, "description": "Method not allowed",
+                     "headers": {"Allow": {"description": "Methods this path accepts", "schema": {"type": "string"}}}},
+               413: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
+               503: {"model": ErrorResponse, "description": "Over capacity: retry after the given seconds",
+                     "headers": {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "string"}}}}},
 )
 
 
@@ -371,7 +378,7 @@ class Gateway:
         return self._parse_json(await self._read_body(request))
 
     # -- v1 -----------------------------------------------------------------------------------
-    @api.post("/v1/classify", response_model=ClassifyResponse)
+    @api.post("/v1/classify", response_model=ClassifyResponse, openapi_extra=json_body(ClassifyRequest))
     async def classify(self, request: Request) -> Response:
         """Classify texts; `route` is auto (default), student or teacher."""
         started = time.perf_counter()
@@ -395,7 +402,7 @@ class Gateway:
         finally:
             self.router.in_flight -= 1
 
-    @api.post("/v1/feedback", response_model=FeedbackResponse)
+    @api.post("/v1/feedback", response_model=FeedbackResponse, openapi_extra=json_body(FeedbackRequest))
     async def feedback(self, request: Request) -> Response:
         """Texts with their true labels: queued as labelled records (they outrank the teacher in training) and
         counted in the live accuracy estimate. Same authentication, limits and errors as /v1/classify."""

@@ -2,18 +2,38 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from routing.policy import Route
+from serving.settings import LimitSettings
+
+# The documented limits are LimitSettings' defaults, stated in the JSON Schema only (the replica enforces its
+# configured limits), so a request valid by the OpenAPI document is accepted at the defaults.
+_LIMITS = LimitSettings()
+Text = Annotated[str, WithJsonSchema({
+    "type": "string", "minLength": 1, "maxLength": _LIMITS.max_chars, "pattern": r"\S",
+    "description": f"Not blank; at most `limits.max_chars` characters (default {_LIMITS.max_chars})."})]
+TEXTS_SCHEMA = {"maxItems": _LIMITS.max_texts}
+ROUTE_SCHEMA = WithJsonSchema({"type": "string", "enum": [route.value for route in Route], "default": Route.AUTO.value,
+                               "description": "auto: student, teacher when unsure; or force one model."})
+
+
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` of a route that reads its own body (to bound its size and nesting before parsing): the
+    body's schema in the OpenAPI document, so clients and fuzzers know what is accepted."""
+    schema = model.model_json_schema()
+    assert "$defs" not in schema, f"{model.__name__}: inline schemas only (no components to refer to)"
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    texts: list[str] = Field(min_length=1, description="Texts to classify, answered in this order.")
-    route: Route = Field(Route.AUTO, description="auto: student, teacher when unsure; or force one model.")
+    texts: list[Text] = Field(min_length=1, json_schema_extra=TEXTS_SCHEMA,
+                              description="Texts to classify, answered in this order (at most `limits.max_texts`).")
+    route: Annotated[Route, ROUTE_SCHEMA] = Route.AUTO
 
 
 class FeedbackRequest(BaseModel):
@@ -21,8 +41,9 @@ class FeedbackRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    texts: list[str] = Field(min_length=1)
-    labels: list[str] = Field(min_length=1, description="One label name per text, in the same order.")
+    texts: list[Text] = Field(min_length=1, json_schema_extra=TEXTS_SCHEMA)
+    labels: list[str] = Field(min_length=1, json_schema_extra=TEXTS_SCHEMA,
+                              description="One label name per text, in the same order.")
 
 
 class FeedbackResponse(BaseModel):
