@@ -31,6 +31,7 @@ class Outcome:
     retry_after: str | None = None
     json_body: bool = False
     results: list[dict] = field(default_factory=list)
+    index: int = -1  # the i given to ``body(i)``
 
     @property
     def refused(self) -> bool:
@@ -105,7 +106,7 @@ class OpenLoop:
         try:
             response = await client.post(self.url, json=self.body(i))
         except httpx.HTTPError as exc:
-            self.outcomes.append(Outcome(sent, self.now() - sent, None, error=type(exc).__name__))
+            self.outcomes.append(Outcome(sent, self.now() - sent, None, error=type(exc).__name__, index=i))
             return
         latency = self.now() - sent
         try:
@@ -117,7 +118,7 @@ class OpenLoop:
         self.outcomes.append(Outcome(sent, latency, response.status_code,
                                      error=None if response.status_code == 200 else response.text[:200],
                                      retry_after=response.headers.get("retry-after"), json_body=is_json,
-                                     results=results))
+                                     results=results, index=i))
 
 
 def percentile_ms(latencies_s: Sequence[float], q: float) -> float | None:
