@@ -13,6 +13,7 @@ import pytest
 
 from loadtests.faults import FaultRow, OpenLoop, percentile_ms, recovery_s
 from tests.faults.conftest import HEADERS, long_fault, record, replica_pids
+from tests.integration.conftest import apply_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -31,6 +32,10 @@ def test_teacher_replica_killed(gateway) -> None:
     def body(i: int) -> dict:  # every 4th request asks for the teacher, so its absence and return are seen
         return {"texts": [TEXTS[i % len(TEXTS)]], "route": "teacher" if i % 4 == 0 else "auto"}
 
+    from serving.settings import TeacherSettings
+
+    # The production teacher timeout (the suite's base is generous), so a deferred text waits at most that long.
+    apply_config(gateway, teacher={"timeout_s": TeacherSettings().timeout_s})
     (teacher,) = replica_pids("Teacher")
     with OpenLoop(f"{gateway.url}/v1/classify", rate=10, seconds=75, body=body, headers=HEADERS) as load:
         time.sleep(5)
