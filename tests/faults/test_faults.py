@@ -171,3 +171,90 @@ def test_slow_and_half_open_clients(gateway) -> None:
     assert len(closed_after) == len(stalled), f"only {len(closed_after)} of {len(stalled)} stalled connections closed"
     assert max(closed_after) < timeout_s + 10
     assert percentile_ms([o.latency_s for o in outcomes], 99) is not None
+
+
+def _publish_variant(registry, temperature_factor: float) -> str:
+    """A second registered version: the current student at another temperature, so its probabilities differ."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    bundle = registry.load()
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=registry.root))
+    shutil.rmtree(staging)
+    shutil.copytree(bundle.path, staging)
+    (staging / "manifest.json").unlink()
+    fields = bundle.manifest.model_dump(exclude={"version", "created", "files"})
+    fields["temperatures"]["student"] *= temperature_factor
+    return registry.publish(staging, fields | {"parent_version": bundle.version}).version
+
+
+def _answers_of(gateway, version: str, deadline_s: float = 60) -> dict[str, dict[str, float]]:
+    """Each text's student probabilities once every replica serves ``version`` (20 answers in a row)."""
+    with gateway.client() as client:
+        deadline, streak = time.monotonic() + deadline_s, 0
+        while streak < 20:
+            assert time.monotonic() < deadline, f"the gateway never settled on {version}"
+            result = client.post("/v1/classify", json={"texts": TEXTS[:1], "route": "student"}).json()["results"][0]
+            streak = streak + 1 if result["student_version"] == version else 0
+        results = client.post("/v1/classify", json={"texts": TEXTS, "route": "student"}).json()["results"]
+    assert {r["student_version"] for r in results} == {version}
+    return {text: r["probabilities"] for text, r in zip(TEXTS, results, strict=True)}
+
+
+@long_fault
+@pytest.mark.destructive(order=6)
+def test_promotion_and_rollback_under_load(gateway) -> None:
+    """Promote, roll back and promote again under steady load: zero failed requests, and every answer's
+    ``student_version`` is the student whose probabilities it carries (the two versions differ in temperature)."""
+    from bundle.registry import Registry
+    from tests.conftest import run_cli
+
+    apply_config(gateway, model={"poll_interval_s": 0.5})
+    registry = Registry(gateway.home)
+    parent = registry.current_version()
+    new = _publish_variant(registry, temperature_factor=2.0)
+    reference = {parent: _answers_of(gateway, parent)}
+    run_cli("promote", new, home=gateway.home)
+    reference[new] = _answers_of(gateway, new)
+    run_cli("rollback", home=gateway.home)
+    _answers_of(gateway, parent)
+
+    def body(i: int) -> dict:
+        return {"texts": [TEXTS[i % len(TEXTS)]], "route": "student"}
+
+    swaps: list[tuple[float, str]] = []
+    with OpenLoop(f"{gateway.url}/v1/classify", rate=20, seconds=90, body=body, headers=HEADERS) as load:
+        for action, version in (("promote", new), ("rollback", parent), ("promote", new)):
+            time.sleep(5)
+            swaps.append((load.now(), version))
+            run_cli(*(["promote", version] if action == "promote" else ["rollback"]), home=gateway.home)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                recent = sorted(load.outcomes[-40:], key=lambda o: o.sent_s)[-20:]
+                if len(recent) == 20 and all(r["student_version"] == version for o in recent for r in o.results):
+                    break
+                time.sleep(0.5)
+        load.stop()
+    outcomes = load.outcomes
+    mismatched = []
+    versions = Counter()
+    for outcome in outcomes:
+        for result in outcome.results:
+            version = result["student_version"]
+            versions[version] += 1
+            text = TEXTS[outcome.index % len(TEXTS)]
+            expected = reference.get(version, {}).get(text)
+            if expected is None or any(abs(result["probabilities"][k] - v) > 1e-3 for k, v in expected.items()):
+                mismatched.append((outcome.index, version))
+    settle = [next((o.sent_s - at for o in sorted(outcomes, key=lambda o: o.sent_s)
+                    if o.sent_s > at and o.results and o.results[0]["student_version"] == version), None)
+              for at, version in swaps]
+    row = FaultRow.from_outcomes("promote, rollback, promote under load, 20 req/s", outcomes,
+                                 max((s for s in settle if s is not None), default=None),
+                                 note=f"answers by version {dict(versions)}; probabilities inconsistent with the "
+                                      f"version: {len(mismatched)}; recovery = slowest swap to its first answer")
+    record(row)
+    assert row.failed == 0, Counter(o.status for o in outcomes if o.failed)
+    assert not mismatched, mismatched[:10]
+    assert set(versions) == {parent, new}
