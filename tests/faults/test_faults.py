@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import subprocess
+import tempfile
 import time
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import pytest
@@ -175,10 +179,6 @@ def test_slow_and_half_open_clients(gateway) -> None:
 
 def _publish_variant(registry, temperature_factor: float) -> str:
     """A second registered version: the current student at another temperature, so its probabilities differ."""
-    import shutil
-    import tempfile
-    from pathlib import Path
-
     bundle = registry.load()
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=registry.root))
     shutil.rmtree(staging)
@@ -258,3 +258,117 @@ def test_promotion_and_rollback_under_load(gateway) -> None:
     assert row.failed == 0, Counter(o.status for o in outcomes if o.failed)
     assert not mismatched, mismatched[:10]
     assert set(versions) == {parent, new}
+
+
+def _redis(port: int, workdir: Path) -> subprocess.Popen:
+    """redis-server on 127.0.0.1:port with an fsync-always append-only file in ``workdir``, so a restart keeps
+    what it acknowledged (without it a restart would lose the queue, whatever the gateway did)."""
+    process = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--bind", "127.0.0.1", "--port",
+                                str(port), "--save", "", "--appendonly", "yes", "--appendfsync", "always",
+                                "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return process
+        except OSError:
+            assert process.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.1)
+
+
+def _queue_counters(gateway) -> dict[str, int]:
+    from tests.integration.conftest import replica_statuses
+
+    with gateway.client() as client:
+        statuses = replica_statuses(client).values()
+    return {field: sum(s["queue"][field] for s in statuses) for field in ("written", "dropped", "retried", "backlog")}
+
+
+def _wait_drained(gateway, timeout_s: float = 60) -> dict[str, int]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        counters = _queue_counters(gateway)
+        if counters["backlog"] == 0 or time.monotonic() > deadline:
+            return counters
+        time.sleep(0.5)
+
+
+SHADOW_EVERYTHING = {"keep": "all", "flush_interval_s": 0.1}
+
+
+@long_fault
+def test_redis_stopped_30_s_and_restarted(gateway, tmp_path) -> None:
+    """Redis down for 30 s under load: every record the writer acknowledged (counted written) is in Redis after
+    the restart, the writer reconnects by itself, and what it could not hold is counted as dropped."""
+    from records.queue import open_queue
+    from tests.servers import free_port
+
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    redis = _redis(port, tmp_path)
+    try:
+        apply_config(gateway, queue={"url": url, **SHADOW_EVERYTHING}, shadow={"share": 1.0, "max_concurrency": 8})
+        before = _wait_drained(gateway)
+        assert open_queue(url).stats().backlog == 0
+        with OpenLoop(f"{gateway.url}/v1/classify", rate=10, seconds=60, body=auto_body, headers=HEADERS) as load:
+            time.sleep(10)
+            fault_at = load.now()
+            redis.terminate()  # SIGTERM: Redis flushes its append-only file and exits
+            redis.wait(timeout=30)
+            time.sleep(30)
+            redis = _redis(port, tmp_path)
+            back_at = load.now()
+            load.wait()
+        after = _wait_drained(gateway)
+        stored = open_queue(url).stats().backlog
+    finally:
+        if redis.poll() is None:
+            redis.terminate()
+            redis.wait(timeout=30)
+    written = after["written"] - before["written"]
+    dropped = after["dropped"] - before["dropped"]
+    retried = after["retried"] - before["retried"]
+    row = FaultRow.from_outcomes("Redis stopped 30 s, then restarted, 10 req/s (every answer shadowed)", load.outcomes,
+                                 None if after["backlog"] else back_at - fault_at + 0.0,
+                                 note=f"records acknowledged {written}, in Redis after restart {stored}, dropped "
+                                      f"{dropped}, write retries {retried}; recovery = outage + drain")
+    record(row)
+    assert row.failed == 0, Counter(o.status for o in load.outcomes if o.failed)
+    assert retried > 0, "the writer never noticed Redis was gone"
+    assert after["backlog"] == 0, "the writer did not reconnect and drain its buffer"
+    assert stored == written, f"{written} records acknowledged, {stored} in Redis: {written - stored} lost"
+
+
+@long_fault
+def test_sqlite_on_a_full_disk(gateway, tmp_path) -> None:
+    """The SQLite queue on a 1 MiB tmpfs that fills up: requests are still answered; the failed writes show in
+    the queue metrics (retries, then drops once the buffer is full) and in the replica logs."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        apply_config(gateway, queue={"url": f"sqlite:///{mount}/queue.db", "buffer_size": 200, **SHADOW_EVERYTHING},
+                     shadow={"share": 1.0, "max_concurrency": 8})
+        before = _queue_counters(gateway)
+
+        def long_body(i: int) -> dict:  # long texts, so the records fill the megabyte within the run
+            return {"texts": [(TEXTS[i % len(TEXTS)] + " ") * 60]}
+
+        with OpenLoop(f"{gateway.url}/v1/classify", rate=10, seconds=40, body=long_body, headers=HEADERS) as load:
+            load.wait()
+        after = _queue_counters(gateway)
+    finally:
+        apply_config(gateway)  # back to the default queue before the tmpfs goes
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+    retried, dropped = after["retried"] - before["retried"], after["dropped"] - before["dropped"]
+    logs = "".join(p.read_text(errors="replace") for p in Path("/tmp/ray/session_latest/logs/serve").glob(
+        "replica_cascade_Gateway_*.log"))
+    row = FaultRow.from_outcomes("SQLite queue on a full 1 MiB disk, 10 req/s (every answer shadowed)", load.outcomes,
+                                 None, note=f"write retries {retried}, records dropped {dropped}; "
+                                            f"'full' in the replica logs: {'full' in logs}")
+    record(row)
+    assert row.failed == 0, Counter(o.status for o in load.outcomes if o.failed)
+    assert retried > 0, "the full disk never showed in cascade_queue_retried"
+    assert "database or disk is full" in logs, "the replica logs do not say the disk is full"
