@@ -108,6 +108,8 @@ run_test() {
   exec 9>/tmp/cascade-ray.lock
   flock -w 900 9 || { log "test: the Ray lock stayed busy for 900 s"; exit 1; }
   log "test: podman run --read-only on port $port (bundle $bundle)"
+  # 9>&-: the container's monitor (conmon) outlives this script; it must not inherit the lock's descriptor,
+  # or the lock stays held after the script ends.
   "${podman[@]}" run --detach --name "$container" --network host --read-only --shm-size 1g \
     --volume "$work/models:/data/models:ro" --volume "$work/queue:/data/queue" \
     --env CASCADE_QUEUE_URL=sqlite:////data/queue/queue.db \
@@ -115,7 +117,7 @@ run_test() {
     --env RAY_SERVE_HAPROXY_STATS_PORT="$stats" --env RAY_SERVE_HAPROXY_METRICS_PORT="$haproxy_metrics" \
     --env RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=35000 --env RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=35999 \
     --env RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT=45000 --env RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT=45999 \
-    "$IMAGE" cascade serve --home /data/models --port "$port" --metrics-port "$metrics" >/dev/null
+    "$IMAGE" cascade serve --home /data/models --port "$port" --metrics-port "$metrics" >/dev/null 9>&-
 
   local started=$SECONDS
   .venv/bin/python deploy/image_check.py --url "http://127.0.0.1:$port" --container "$container" \
