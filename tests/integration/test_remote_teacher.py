@@ -175,7 +175,8 @@ def test_gateway_defers_to_mlserver_and_survives_its_kill(gateway: Gateway, mlse
     print(f"\nremote teacher under {RATE} req/s: {len(answers)} requests, {len(failed)} failed, "
           f"{len(deferred)} deferred, {len(degraded)} degraded "
           f"(reasons {sorted({a.result['reason'] for a in degraded})}); MLServer down "
-          f"{t_back - t_kill:.1f} s (restart until ready); teacher used again {recovery_s} s after MLServer was ready")
+          f"{t_back - t_kill:.1f} s (restart until ready); teacher used again "
+          f"{'never' if recovery_s is None else f'{recovery_s:.2f} s'} after MLServer was ready")
     assert not failed, f"{len(failed)} failed requests, e.g. {failed[:3]}"
     assert len(answers) >= RATE * 10
     killed = [a for a in deferred if t_kill + 0.5 <= a.sent <= t_back - 0.5]
