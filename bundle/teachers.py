@@ -15,8 +15,6 @@ import asyncio
 import hashlib
 import json
 import sqlite3
-import time
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -137,49 +135,25 @@ def _weights_digest(bundle_path: Path) -> str:
 # -- remote -----------------------------------------------------------------------------------------------
 
 
-class BreakerState(StrEnum):
-    CLOSED = "closed"
-    OPEN = "open"
-    HALF_OPEN = "half_open"
+class Breaker(Protocol):
+    """The circuit breaker a remote teacher reports to (``routing.breaker.CircuitBreaker`` in serving).
 
-
-class CircuitBreaker:
-    """Consecutive-failure breaker for one event loop: open after ``failures`` in a row, one probe after ``reset_s``.
-
-    Lives in bundle/ because bundle/ may not import routing/; async libraries for this (aiobreaker) are
-    unmaintained. Not thread-safe: every caller runs on the client's event loop.
+    Injected rather than built here: the gateway and the Teacher deployment share one breaker design, and
+    bundle/ may not import routing/. Offline callers (build, evaluation) pass none: there a dead server
+    should fail the run after its retries, not be skipped.
     """
 
-    def __init__(self, failures: int, reset_s: float) -> None:
-        self.failures, self.reset_s = failures, reset_s
-        self.consecutive = 0
-        self.opened_at: float | None = None
-        self.probing = False
+    @property
+    def state(self) -> Any: ...
 
     @property
-    def state(self) -> BreakerState:
-        if self.opened_at is None:
-            return BreakerState.CLOSED
-        return BreakerState.HALF_OPEN if time.monotonic() - self.opened_at >= self.reset_s else BreakerState.OPEN
+    def failures(self) -> int: ...
 
-    def allow(self) -> bool:
-        """May a call go out now? Half-open lets exactly one probe through until it reports."""
-        state = self.state
-        if state is BreakerState.CLOSED:
-            return True
-        if state is BreakerState.HALF_OPEN and not self.probing:
-            self.probing = True
-            return True
-        return False
+    def allow(self) -> bool: ...
 
-    def success(self) -> None:
-        self.consecutive, self.opened_at, self.probing = 0, None, False
+    def record_success(self) -> None: ...
 
-    def failure(self) -> None:
-        self.consecutive += 1
-        if self.probing or self.consecutive >= self.failures:
-            self.opened_at = time.monotonic()
-        self.probing = False
+    def record_failure(self) -> None: ...
 
 
 class _RetryableError(Exception):
@@ -191,7 +165,7 @@ class RemoteTeacher:
 
     kind = "remote"
 
-    def __init__(self, settings: RemoteTeacherSettings, labels: list[str]) -> None:
+    def __init__(self, settings: RemoteTeacherSettings, labels: list[str], breaker: Breaker | None = None) -> None:
         self.settings = settings
         self.labels = list(labels)
         names = settings.label_names or self.labels
@@ -203,7 +177,7 @@ class RemoteTeacher:
         self.identity = "remote:" + hashlib.sha256(settings.model_dump_json(
             include={"url", "model", "output", "output_name", "scores", "input_name", "extra_inputs", "label_names"}
         ).encode()).hexdigest()[:16]
-        self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s)
+        self.breaker = breaker
         self._client: httpx.AsyncClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._semaphore: asyncio.Semaphore | None = None
@@ -233,7 +207,7 @@ class RemoteTeacher:
         attempts = AsyncRetrying(stop=stop_after_attempt(self.settings.retries + 1),
                                  wait=wait_exponential(multiplier=0.1, max=2.0),
                                  retry=retry_if_exception(lambda exc: isinstance(exc, _RetryableError)
-                                                          and self.breaker.state is BreakerState.CLOSED),
+                                                          and self._closed()),
                                  reraise=True)
         try:
             async for attempt in attempts:
@@ -244,9 +218,9 @@ class RemoteTeacher:
         raise AssertionError("unreachable: tenacity either returns or raises")
 
     async def _attempt(self, texts: list[str]) -> np.ndarray:
-        if not self.breaker.allow():
+        if self.breaker is not None and not self.breaker.allow():
             raise TeacherUnavailable(f"remote teacher {self.infer_url}: circuit breaker open after "
-                                     f"{self.breaker.consecutive} consecutive failures ({self.last_error})")
+                                     f"{self.breaker.failures} consecutive failures ({self.last_error})")
         client, semaphore = self._http()
         body = {"inputs": [{"name": self.settings.input_name, "datatype": "BYTES", "shape": [len(texts)],
                             "data": texts}, *self.settings.extra_inputs]}
@@ -269,13 +243,19 @@ class RemoteTeacher:
         except (ValueError, KeyError, TypeError, IndexError) as exc:
             self._failed(f"unreadable answer: {exc}")
             raise TeacherUnavailable(f"remote teacher {self.infer_url}: {self.last_error}") from exc
-        self.breaker.success()
+        if self.breaker is not None:
+            self.breaker.record_success()
         self.last_error = None
         return logits
 
+    def _closed(self) -> bool:
+        """Retry only while the breaker (if any) is closed: an open one means the server is known down."""
+        return self.breaker is None or str(self.breaker.state) == "closed"
+
     def _failed(self, error: str) -> None:
         self.last_error = error
-        self.breaker.failure()
+        if self.breaker is not None:
+            self.breaker.record_failure()
 
     def _parse(self, answer: dict[str, Any], n: int) -> np.ndarray:
         outputs = answer["outputs"]
@@ -334,7 +314,8 @@ class RemoteTeacher:
 
     def state(self) -> dict[str, Any]:
         return {"kind": self.kind, "url": self.base, "model": self.settings.model,
-                "breaker": self.breaker.state.value, "consecutive_failures": self.breaker.consecutive,
+                "breaker": None if self.breaker is None else str(self.breaker.state),
+                "consecutive_failures": None if self.breaker is None else self.breaker.failures,
                 "last_error": self.last_error}
 
 
@@ -342,13 +323,14 @@ class RemoteTeacher:
 
 
 def open_teacher(spec: TeacherSpec, bundle_path: Path, labels: list[str], *, max_length: int | None = None,
-                 threads: int = 1, device: Device = "cpu", remote_url: str | None = None) -> TeacherClient:
+                 threads: int = 1, device: Device = "cpu", remote_url: str | None = None,
+                 breaker: Breaker | None = None) -> TeacherClient:
     """The teacher a bundle (or a build's staging folder) names. ``remote_url`` overrides the recorded URL
     (a deployment that reaches the same server under another name)."""
     if spec.kind == "remote":
         assert spec.remote is not None
         settings = spec.remote if remote_url is None else spec.remote.model_copy(update={"url": remote_url})
-        return RemoteTeacher(settings, labels)
+        return RemoteTeacher(settings, labels, breaker)
     if max_length is None:
         manifest_path = Path(bundle_path) / MANIFEST
         if not manifest_path.is_file():

@@ -20,6 +20,7 @@ import numpy as np
 
 from bundle.registry import TEACHER_FILES, Bundle, Registry
 from bundle.teachers import TeacherClient, open_teacher
+from routing.breaker import CircuitBreaker
 from serving.batching import OpportunisticBatcher
 from serving.metrics import ModelCallMetrics
 from serving.settings import ModelSettings, TeacherBatchSettings, TeacherDeploymentConfig, TeacherRuntimeSettings
@@ -63,8 +64,11 @@ class Teacher:
 
     def _open(self, bundle: Bundle, runtime: TeacherRuntimeSettings) -> TeacherClient:
         manifest = bundle.manifest
+        remote = manifest.teacher.remote
+        breaker = None if remote is None else CircuitBreaker(remote.breaker_failures, remote.breaker_reset_s)
         return open_teacher(manifest.teacher, bundle.path, manifest.labels, max_length=manifest.max_length,
-                            threads=self.threads, device=runtime.device, remote_url=runtime.remote_url)
+                            threads=self.threads, device=runtime.device, remote_url=runtime.remote_url,
+                            breaker=breaker)
 
     @staticmethod
     def _close_later(client: TeacherClient) -> None:

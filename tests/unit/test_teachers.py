@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from pydantic import ValidationError
 
 from bundle.registry import Bundle, Registry
 from bundle.teachers import (
-    CircuitBreaker,
     LocalTeacher,
     RemoteTeacher,
     RemoteTeacherSettings,
@@ -29,6 +27,7 @@ from bundle.teachers import (
     open_teacher,
     teacher_logits_sync,
 )
+from routing.breaker import CircuitBreaker
 from tests.servers import MLServer, free_port, hf_model_settings, hf_teacher_folder, logits_model_settings
 
 TEXTS = ["a moving, beautifully acted film", "dull and far too long", "not bad at all", "I walked out",
@@ -160,11 +159,12 @@ def test_labels_the_bundle_does_not_know_are_an_error_naming_the_url(server: MLS
 
 
 def test_a_wrong_model_name_is_refused_without_retries(bundle: Bundle, server: MLServer) -> None:
+    breaker = CircuitBreaker(failure_threshold=10)
     remote = RemoteTeacher(RemoteTeacherSettings(url=server.url, model="no-such-model", retries=3),
-                           bundle.manifest.labels)
+                           bundle.manifest.labels, breaker)
     with pytest.raises(TeacherUnavailable, match="HTTP 404"):
         teacher_logits_sync(remote, TEXTS[:1])
-    assert remote.breaker.consecutive == 1  # one call, not four
+    assert breaker.failures == 1  # one call, not four
     assert not asyncio.run(remote.ready())
 
 
@@ -186,8 +186,8 @@ def test_the_answer_cache_spares_the_server(bundle: Bundle, server: MLServer, tm
 
 def test_an_unreachable_server_fails_then_the_breaker_fails_fast(bundle: Bundle) -> None:
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    remote = RemoteTeacher(RemoteTeacherSettings(url=url, model="teacher", retries=1, breaker_failures=3,
-                                                 breaker_reset_s=60), bundle.manifest.labels)
+    remote = RemoteTeacher(RemoteTeacherSettings(url=url, model="teacher", retries=1), bundle.manifest.labels,
+                           CircuitBreaker(failure_threshold=3, cooldown_s=60))
 
     async def calls() -> list[str]:
         errors = []
@@ -205,27 +205,11 @@ def test_an_unreachable_server_fails_then_the_breaker_fails_fast(bundle: Bundle)
     assert remote.state()["breaker"] == "open" and not asyncio.run(remote.ready())
 
 
-def test_breaker_half_opens_for_one_probe_and_closes_on_success() -> None:
-    breaker = CircuitBreaker(failures=2, reset_s=0.2)
-    breaker.failure()
-    assert breaker.allow()  # one failure: still closed
-    breaker.failure()
-    assert breaker.state.value == "open" and not breaker.allow()
-    time.sleep(0.25)
-    assert breaker.allow() and not breaker.allow()  # exactly one probe while half-open
-    breaker.failure()  # the probe failed: open again at once, for another reset_s
-    assert breaker.state.value == "open"
-    time.sleep(0.25)
-    assert breaker.allow()
-    breaker.success()
-    assert breaker.state.value == "closed" and breaker.allow() and breaker.allow()
-
-
 def test_the_breaker_closes_when_the_server_answers_again(bundle: Bundle, server: MLServer) -> None:
     """Same client: broken while pointed at a dead port, then healthy once the server is there (one probe)."""
     labels = bundle.manifest.labels
-    remote = RemoteTeacher(RemoteTeacherSettings(url=f"http://127.0.0.1:{free_port()}", model="teacher-logits",
-                                                 retries=0, breaker_failures=2, breaker_reset_s=0.3), labels)
+    settings = RemoteTeacherSettings(url=f"http://127.0.0.1:{free_port()}", model="teacher-logits", retries=0)
+    remote = RemoteTeacher(settings, labels, CircuitBreaker(failure_threshold=2, cooldown_s=0.3))
 
     async def scenario() -> tuple[str, str, np.ndarray]:
         for _ in range(2):
