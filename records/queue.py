@@ -111,8 +111,9 @@ class QueueStats(BaseModel):
 class RetentionSettings(BaseModel):
     """How much user text the queue may keep."""
 
-    max_age_s: float = Field(7 * 24 * 3600, gt=0)
-    max_records: int = Field(100_000, ge=1)
+    max_age_s: float = Field(7 * 24 * 3600, gt=0, description="Records older than this are deleted (they hold "
+                             "user text).")
+    max_records: int = Field(100_000, ge=1, description="Most records kept; the oldest go first.")
 
 
 class QueueBackend(Protocol):
@@ -315,7 +316,8 @@ class QueueSettings(BaseModel):
     keep: Literal["disagreements", "all"] = Field("disagreements", description="Which fallback answers are kept; "
                                                   "shadow answers are always all kept (the unbiased sample).")
     buffer_size: int = Field(10_000, ge=1, description="Records held in memory before writes are dropped.")
-    flush_interval_s: float = Field(0.5, gt=0)
+    flush_interval_s: float = Field(0.5, gt=0, description="How often the writer flushes its buffer to the "
+                                    "queue in one batch.")
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
 
 

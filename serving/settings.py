@@ -38,7 +38,8 @@ class StudentSettings(BaseModel):
     """The int8 student inside the gateway replica (opportunistic batching, serving/batching.py)."""
 
     threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads per replica.")
-    max_batch_size: int = Field(32, ge=1)
+    max_batch_size: int = Field(32, ge=1, description="Most texts one student batch takes (each still runs "
+                                "unpadded; a batch saves worker-thread hops).")
     batch_wait_timeout_s: float = Field(0.0, ge=0.0, description="How long a batch waits to fill. 0: take what is "
                                         "queued at once; under load the queue fills while the previous batch runs.")
 
@@ -46,11 +47,13 @@ class StudentSettings(BaseModel):
 class TeacherSettings(BaseModel):
     """Teacher protection: a slow, dead or busy teacher degrades answers, never fails them."""
 
-    timeout_s: float = Field(2.0, gt=0.0)
+    timeout_s: float = Field(2.0, gt=0.0, description="Longest wait for a teacher answer; past it the text is "
+                             "answered by the student, degraded (teacher_timeout).")
     max_concurrency: int = Field(8, ge=0, description="Teacher calls in flight per gateway replica.")
     max_share: float = Field(0.3, ge=0.0, le=1.0, description="Largest share of auto-routed texts it may take.")
     max_texts_per_s: float | None = Field(None, gt=0.0, description="Optional cap on texts per second.")
-    budget_window_s: float = Field(10.0, gt=0.0)
+    budget_window_s: float = Field(10.0, gt=0.0, description="Sliding window over which max_share and "
+                                   "max_texts_per_s are measured.")
     breaker_failures: int = Field(5, ge=1, description="Consecutive teacher failures or timeouts that open the "
                                   "circuit breaker; while open, deferred texts are answered degraded "
                                   "(`teacher_unavailable`) at once instead of waiting out `timeout_s`.")
@@ -61,7 +64,7 @@ class TeacherSettings(BaseModel):
 class TeacherBatchSettings(BaseModel):
     """Opportunistic batching in the teacher deployment (serving/batching.py), applied live."""
 
-    max_batch_size: int = Field(16, ge=1)
+    max_batch_size: int = Field(16, ge=1, description="Most texts one teacher batch takes (padded batches).")
     batch_wait_timeout_s: float = Field(0.0, ge=0.0, description="How long a teacher batch waits to fill. 0: a "
                                         "lone deferred text starts at once; under load the next batch fills while "
                                         "the current one runs.")
@@ -106,16 +109,17 @@ class CostSettings(BaseModel):
 class LimitSettings(BaseModel):
     """Request limits; beyond them a clear 4xx, beyond capacity a 503 with Retry-After."""
 
-    max_texts: int = Field(64, ge=1)
-    max_chars: int = Field(2000, ge=1)
-    max_body_bytes: int = Field(256 * 1024, ge=1024)
+    max_texts: int = Field(64, ge=1, description="Most texts in one request (more: 422).")
+    max_chars: int = Field(2000, ge=1, description="Most characters in one text (more: 422).")
+    max_body_bytes: int = Field(256 * 1024, ge=1024, description="Largest request body (more: 413, refused "
+                                "before it is read when Content-Length says so).")
     admission_headroom: int = Field(16, ge=1, description="The replica refuses with its own JSON 503 and "
                                     "`Retry-After` once `max_ongoing_requests - admission_headroom` requests are in "
                                     "flight, so it fires before Ray's queue limit (whose 503 is plain text).")
     queue_deadline_s: float = Field(0.5, gt=0.0, description="A request that waited this long in the replica "
                                     "before its student call started is answered 503 instead of run, so accepted "
                                     "requests keep their latency under overload.")
-    retry_after_s: int = Field(1, ge=1)
+    retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with every 503.")
 
     def admission_limit(self, max_ongoing_requests: int) -> int:
         """Requests in flight per replica before refusing: below the deployment's ``max_ongoing_requests``,

@@ -21,3 +21,11 @@ def test_every_gateway_field_is_listed_with_its_default() -> None:
     assert rows["teacher.timeout_s"] == f"`{GatewayConfig().teacher.timeout_s}`"
     assert "routing.threshold" in rows and "limits.max_texts" in rows
     assert not any(path.endswith((".routing", ".teacher", ".limits")) for path in rows)  # nested models flattened
+
+
+def test_every_field_says_what_it_does() -> None:
+    from serving.settings import TeacherDeploymentConfig
+
+    for model in (GatewayConfig, TeacherDeploymentConfig):
+        undocumented = [path for path, _, _, description in field_rows(model) if not description]
+        assert not undocumented, f"{model.__name__} fields without a description: {undocumented}"
