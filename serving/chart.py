@@ -68,6 +68,9 @@ class ModelsS3(ChartModel):
 class ModelsBuild(ChartModel):
     """The models Job: `cascade build --if-missing` into the models volume (Ray pods wait for it)."""
 
+    image: str = Field("", description="An image with what `cascade build` needs (deploy/Dockerfile built with "
+                       "--build-arg WITH_BUILD_DEPS=1: make image-builder); the serving image holds no base model "
+                       "or data. Empty: the serving image's repository and tag with -builder appended.")
     args: list[str] = Field(default_factory=list, description="Extra `cascade build` arguments, e.g. [--tiny].")
     offline: bool = Field(False, description="Set HF_HUB_OFFLINE: only when the base models are in the volume.")
     resources: Resources = Field(default_factory=lambda: _resources("2", "6Gi"))

@@ -214,6 +214,12 @@ def test_models_job_builds_the_bundle_and_ray_pods_wait_for_it() -> None:
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert container["command"][:3] == ["cascade", "build", "--if-missing"]
     assert {"name": "models", "mountPath": "/data/models"} in container["volumeMounts"]
+    # The builder image (WITH_BUILD_DEPS=1), not the weight-free serving image the Ray pods run.
+    head_image = rayservice(documents)["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == head_image["image"] + "-builder"
+    custom = render(CHART / "examples" / "multinode-redis.yaml", "models.build.image=registry.example/cascade:b1")
+    assert next(d for d in custom if d["kind"] == "Job")["spec"]["template"]["spec"]["containers"][0]["image"] \
+        == "registry.example/cascade:b1"
     head = rayservice(documents)["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
     assert "registry/current" in " ".join(head["initContainers"][0]["command"])
 
