@@ -414,15 +414,21 @@ def serve(
             runtime_env = application.setdefault("runtime_env", {})
             runtime_env.setdefault("env_vars", {})["CASCADE_HOME"] = str(home)
     schema = ServeDeploySchema.model_validate(serve_config)
-    # SIGTERM (docker stop, kill, a test's teardown) and Ctrl-C stop Serve, the local Ray and HAProxy, also
-    # while the models are still loading.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Ray's crash reporter (absl's failure signal handler, installed by ray.init in this driver) treats SIGTERM
+    # as a crash: it prints a stack, passes the signal on to Python's handler and arms a 3 s alarm that aborts
+    # the process (exit -6) while the shutdown below is still running. A stop is not a crash: not in this process.
+    from ray._private import ray_constants
+
+    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
     if address:
         ray.init(address=address)
     else:
         # The dashboard (127.0.0.1 only) carries Serve's REST API: `serve status`, `serve deploy`.
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  _metrics_export_port=metrics_port)
+    # SIGTERM (docker stop, kill, a test's teardown) and Ctrl-C stop Serve, the local Ray and HAProxy, also while
+    # the models are still loading, and exit 0. Set after ray.init, which installs its own (exit status 15).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     node_id = ray.get_runtime_context().get_node_id()
     try:
         client = serve_api.serve_start(http_options=schema.http_options.model_dump(),

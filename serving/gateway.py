@@ -386,8 +386,9 @@ class Gateway:
         self.router.in_flight += 1
         try:
             payload = await self._read_json(request)
-            if isinstance(payload, dict) and "route" in payload and payload["route"] not in set(Route):
-                raise ApiError(400, f"unknown route {payload['route']!r}; use one of {[r.value for r in Route]}")
+            routes = [route.value for route in Route]  # a list: the client's value may be unhashable ({}, [])
+            if isinstance(payload, dict) and "route" in payload and payload["route"] not in routes:
+                raise ApiError(400, f"unknown route {payload['route']!r}; use one of {routes}")
             try:
                 parsed = ClassifyRequest.model_validate(payload)
             except ValidationError as exc:
