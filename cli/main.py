@@ -431,7 +431,9 @@ def serve(
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     node_id = ray.get_runtime_context().get_node_id()
     try:
+        # proxy_location is the config's, as with `serve run`: without it Serve starts a proxy on every node.
         client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
+                                       proxy_location=schema.proxy_location,
                                        global_logging_config=schema.logging_config)
         client.deploy_apps(schema, _blocking=False)
         _wait_until_running(timeout_s=900)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import tempfile
@@ -75,11 +76,16 @@ class Cluster:
 @pytest.fixture()
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    # Ray 2.60's head turns token authentication on when ~/.ray/auth_token exists, but `ray start --address`
+    # sends a token only when RAY_AUTH_MODE says so: the second node was refused (InvalidAuthToken). Every
+    # process of this cluster gets the mode and its own token, whatever ~/.ray holds.
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_AUTH_MODE": "token",
+                        "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="cmn-", dir="/tmp") as sockets:  # own temp dir per node, short
         try:
-            ray_start("--head", "--port", str(port), "--num-cpus", "2", "--include-dashboard", "true",
+            ray_start("--head", "--port", str(port), "--num-cpus", "2", "--resources", json.dumps({"gateway": 100}),
+                      "--include-dashboard", "true",
                       "--dashboard-host", "127.0.0.1", "--dashboard-port", str(free_port()),
                       *node_ports((20000, 20999)), env=env)
             yield Cluster(f"127.0.0.1:{port}", env, Path(sockets))
@@ -94,6 +100,9 @@ def gateway_url(cluster: Cluster, tiny_home: Path, tmp_path: Path) -> Iterator[t
     config["proxy_location"] = "HeadOnly"  # both nodes share 127.0.0.1: one HTTP proxy
     deployments = {d["name"]: d for d in config["applications"][0]["deployments"]}
     deployments["Teacher"]["ray_actor_options"]["resources"] = {"teacher": 1}
+    # The Gateway stays on the head: on the teacher's node (it has a free CPU), losing the node would also lose
+    # a Gateway replica and its requests in flight (503s), a different fault from the one tested here.
+    deployments["Gateway"]["ray_actor_options"]["resources"] = {"gateway": 1}
     deployments["Gateway"]["user_config"]["routing"]["threshold"] = 1.0  # every text goes to the teacher
     deployments["Gateway"]["user_config"]["teacher"].update({"timeout_s": 2.0, "max_share": 1.0})
     path = tmp_path / "serve.yaml"
@@ -146,8 +155,11 @@ class OpenLoop:
     def one(self, http: httpx.Client, sent: float) -> None:
         try:
             response = http.post("/v1/classify", json={"texts": [TEXT]})
-            result = response.json()["results"][0] if response.status_code == 200 else {}
-            answer = Answer(sent, response.status_code, result.get("served_by"), result.get("reason"))
+            if response.status_code == 200:
+                result = response.json()["results"][0]
+                answer = Answer(sent, 200, result["served_by"], result["reason"])
+            else:
+                answer = Answer(sent, response.status_code, reason=response.text[:200])
         except httpx.HTTPError as exc:
             answer = Answer(sent, 0, reason=type(exc).__name__)
         with self.lock:
