@@ -94,9 +94,8 @@ class OpenLoop:
                 due = i / self.rate
                 if due >= self.seconds:
                     break
-                delay = due - self.now()
-                if delay > 0:
-                    await asyncio.sleep(delay)
+                # Behind schedule, still yield once: a loop that only creates tasks starves the requests it made.
+                await asyncio.sleep(max(0.0, due - self.now()))
                 tasks.append(asyncio.create_task(self._one(client, i)))
                 i += 1
             await asyncio.gather(*tasks)
