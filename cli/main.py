@@ -532,6 +532,19 @@ def _wait_until_running(timeout_s: float) -> None:
     _fail(f"the application was not running after {timeout_s:.0f} s")
 
 
+def _bundle_test_split(home: Path):
+    """The current bundle's own test split (its recorded build data): load tests send the traffic it was built for."""
+    from bundle.registry import BundleError, Registry
+    from distill.build import splits_for
+    from distill.config import BuildInputError
+
+    try:
+        manifest = Registry(home).load(verify=False).manifest
+        return splits_for(BuildConfig.model_validate(manifest.build)).test
+    except (BundleError, BuildInputError) as exc:
+        _fail(f"cannot read the current bundle's test texts: {exc}")
+
+
 @app.command()
 def loadtest(
     host: Annotated[str, typer.Option(help="Gateway URL.")] = "http://127.0.0.1:8000",
@@ -542,15 +555,15 @@ def loadtest(
     p99_ms: Annotated[float, typer.Option(help="Fail when the overall p99 is above this.")] = 500.0,
     out: Annotated[Path, typer.Option(help="Folder for the CSV, HTML and summary.json.")] = Path(
         "loadtests/reports/locust"),
+    home: Home = None,
 ) -> None:
-    """Headless, bounded Locust run on real snippets; non-zero exit when an objective is missed."""
-    from distill.data import load_movie_snippets
+    """Headless, bounded Locust run on the bundle's own test texts; non-zero exit when an objective is missed."""
     from loadtests.locust_runner import LoadTestSettings, run
 
     settings = LoadTestSettings(host=host, users=users, spawn_rate=users, run_time_s=run_time, hard_share=hard_share,
                                 max_error_rate=max_error_rate, p99_ms=p99_ms,
                                 api_key=os.environ.get("CASCADE_API_KEY"))
-    summary = run(settings, load_movie_snippets().texts[: settings.texts], out)
+    summary = run(settings, _bundle_test_split(_home(home)).texts[: settings.texts], out)
     typer.echo(summary.model_dump_json(indent=2))
     if not summary.passed:
         raise typer.Exit(code=1)
@@ -624,11 +637,11 @@ def bench(
 
     import httpx
 
-    from distill.data import load_movie_snippets, stratified_split
     from loadtests.bench import benchmark, format_results, to_json, wait_ready
 
     home = _home(home)
-    texts = stratified_split(load_movie_snippets()).test.texts[:500]
+    split = _bundle_test_split(home)
+    texts = split.texts[:500]
     started = None
     try:
         httpx.get(f"{url}/v2/health/ready", timeout=2)
@@ -644,7 +657,6 @@ def bench(
             served = Registry(home).load(verify=False)
             facts = BundleFacts(served.version, served.manifest.threshold,
                                 json.loads((served.path / "report.json").read_text()))
-            split = stratified_split(load_movie_snippets()).test
             typer.echo(run_report(url, home, split.texts[:500], split.labels[:500], report, seconds,
                                   concurrency or [1, 2, 4, 8, 16, 32, 64], facts, p99_ms))
             return
