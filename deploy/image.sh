@@ -70,7 +70,7 @@ build_wheels() {
     ls "$WHEELHOUSE/build/${wheel%%==*}-${wheel##*==}-"*.whl >/dev/null 2>&1 && continue
     log "wheelhouse: $wheel for the builder image"
     .tools/image/resolver-venv/bin/pip download --quiet --disable-pip-version-check --no-deps --only-binary :all: \
-      -d "$WHEELHOUSE/build" "$wheel"
+      -d "$WHEELHOUSE/build" "$wheel" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
   done
 }
 
