@@ -152,7 +152,10 @@ class SqliteQueue:
                 self._db.executemany("INSERT OR IGNORE INTO records (id, created, payload) VALUES (?, ?, ?)", rows)
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # SQLite ends the transaction itself on some errors (SQLITE_FULL: "database or disk is full"); a
+                # ROLLBACK then fails and its error would hide the one that says what went wrong.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
 
     def lease(self, limit: int, lease_s: float, consumer: str = "distill") -> list[Leased]:

@@ -102,6 +102,20 @@ def _request_id(headers: Headers) -> str:
     return supplied if REQUEST_ID.match(supplied) else uuid.uuid4().hex
 
 
+def _log_to_replica_log(*names: str) -> None:
+    """Send the warnings of the rooms a replica runs (the queue writer's "disk is full") to the replica's log.
+
+    Serve writes only its own logger ("ray.serve", which does not propagate) to the replica's log file, and the
+    fast path turns its stderr off, so any other logger's records were lost without a trace.
+    """
+    for name in names:
+        room = logging.getLogger(name)
+        for handler in logging.getLogger("ray.serve").handlers:
+            if handler not in room.handlers:
+                room.addHandler(handler)
+        room.propagate = False
+
+
 def _count_refusal(status: int) -> None:
     gateway = replica_state.gateway
     if gateway is not None:
@@ -199,6 +213,7 @@ class Gateway:
     """Ingress replica: HTTP API, student inference, deferral, teacher protection."""
 
     def __init__(self, teacher: DeploymentHandle, config: dict[str, Any] | None = None) -> None:
+        _log_to_replica_log("records")
         self.teacher = teacher
         self.config = GatewayConfig.model_validate(config or {})
         self.auth = AuthSettings.from_env()
