@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import json
 import logging
+import logging.handlers
 import re
 import threading
 import time
@@ -106,11 +107,15 @@ def _log_to_replica_log(*names: str) -> None:
     """Send the warnings of the rooms a replica runs (the queue writer's "disk is full") to the replica's log.
 
     Serve writes only its own logger ("ray.serve", which does not propagate) to the replica's log file, and the
-    fast path turns its stderr off, so any other logger's records were lost without a trace.
+    fast path turns its stderr off, so any other logger's records were lost without a trace. Serve buffers its
+    request-path records (a MemoryHandler flushed every 1,000 records or on an error); these are rare and must be
+    seen when they happen, so they go straight to the file behind the buffer (no request context to add).
     """
     for name in names:
         room = logging.getLogger(name)
         for handler in logging.getLogger("ray.serve").handlers:
+            if isinstance(handler, logging.handlers.MemoryHandler) and handler.target is not None:
+                handler = handler.target
             if handler not in room.handlers:
                 room.addHandler(handler)
         room.propagate = False
