@@ -130,9 +130,10 @@ def percentile_ms(latencies_s: Sequence[float], q: float) -> float | None:
 
 
 def recovery_s(outcomes: Sequence[Outcome], fault_at_s: float, unhealthy: Callable[[Outcome], bool]) -> float | None:
-    """Seconds from the fault to the last unhealthy request sent after it (0: none was); None if the last
-    request sent was still unhealthy (not recovered within the run)."""
-    after = sorted((o for o in outcomes if o.sent_s >= fault_at_s), key=lambda o: o.sent_s)
+    """Seconds from the fault to the end of the last unhealthy request that ended after it (0: none did), so a
+    request in flight when the fault struck counts; None if the last request sent was still unhealthy (not
+    recovered within the run)."""
+    after = sorted((o for o in outcomes if o.sent_s + o.latency_s >= fault_at_s), key=lambda o: o.sent_s)
     bad = [o for o in after if unhealthy(o)]
     if not bad:
         return 0.0

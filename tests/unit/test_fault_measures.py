@@ -36,8 +36,9 @@ def test_recovery_is_the_end_of_the_last_bad_request_after_the_fault() -> None:
     assert recovery_s(outcomes, 1.5, lambda o: bool(o.degraded_reasons)) == 3.5 - 1.5
     assert recovery_s(outcomes[:4], 1.5, lambda o: bool(o.degraded_reasons)) is None  # still bad at the end
     assert recovery_s([ok(2), ok(3)], 1.0, lambda o: bool(o.degraded_reasons)) == 0.0
-    # a bad request before the fault is not the fault's
+    # a bad request that ended before the fault is not the fault's; one in flight when it struck is
     assert recovery_s([ok(0, degraded="x"), ok(2)], 1.0, lambda o: bool(o.degraded_reasons)) == 0.0
+    assert recovery_s([ok(0, 1.2, degraded="x"), ok(2)], 1.0, lambda o: bool(o.degraded_reasons)) == 1.2 - 1.0
 
 
 def test_row_counts_and_table(tmp_path) -> None:
