@@ -47,3 +47,34 @@ def tiny_home_copy(tiny_home: Path, tmp_path: Path) -> Path:
     target = tmp_path / "home"
     shutil.copytree(tiny_home / "registry", target / "registry")
     return target
+
+
+@pytest.fixture(scope="session")
+def gateway(tiny_home: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One `cascade serve` for the whole session, shared by tests/integration and tests/faults."""
+    from tests.integration.conftest import run_gateway
+
+    yield from run_gateway(tiny_home, tmp_path_factory)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that change the shared gateway for good (a promoted model, a killed replica) run after the others,
+    in the order their ``destructive(order=N)`` marker gives; tests with a Ray cluster of their own run last."""
+
+    def rank(item: pytest.Item) -> int:
+        if item.get_closest_marker("own_cluster") is not None:
+            return 1000  # after everything that uses the shared gateway: these stop its Ray
+        marker = item.get_closest_marker("destructive")
+        return 0 if marker is None else 1 + marker.kwargs.get("order", 0)
+
+    items.sort(key=rank)
+
+
+@pytest.fixture(autouse=True)
+def _own_cluster_alone(request: pytest.FixtureRequest) -> None:
+    """A test that starts its own Ray (own_cluster) first stops any other on this machine, the shared gateway's
+    included, and the HAProxy that a forced stop leaves behind."""
+    if request.node.get_closest_marker("own_cluster") is not None:
+        from tests.integration.conftest import _stop_ray
+
+        _stop_ray()

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from loadtests.faults import FaultRow, append_row, table
-from tests.integration.conftest import API_KEY, apply_config, gateway  # noqa: F401 (the shared gateway fixture)
+from tests.integration.conftest import API_KEY, apply_config
 
 ROWS = Path(__file__).resolve().parents[2] / "loadtests" / "reports" / "faults.jsonl"
 REPORT = ROWS.with_suffix(".md")
@@ -42,7 +42,7 @@ def replica_pids(deployment: str) -> list[int]:
 
 
 @pytest.fixture(autouse=True)
-def _base_config(gateway) -> None:  # noqa: F811
+def _base_config(gateway) -> None:
     """Every fault starts from the integration suite's base settings (a generous teacher timeout)."""
     apply_config(gateway)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from tests.conftest import CASCADE
@@ -36,11 +38,18 @@ class Gateway:
 
 
 def _stop_ray() -> None:
+    """`ray stop --force`, then any Ray Serve HAProxy it orphaned: a forced stop kills the actor that owns
+    HAProxy, which would keep listening on the serving port and make the next gateway's start fail."""
     subprocess.run([str(Path(CASCADE).with_name("ray")), "stop", "--force"], capture_output=True, timeout=120)
+    for process in psutil.process_iter(["name", "cmdline"]):
+        if process.info["name"] == "haproxy" and any("haproxy-serve" in arg for arg in process.info["cmdline"] or []):
+            with contextlib.suppress(psutil.Error):
+                process.kill()
 
 
-@pytest.fixture(scope="session")
-def gateway(tiny_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def run_gateway(tiny_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """`cascade serve` on the tiny bundle until the session ends (the ``gateway`` fixture in tests/conftest.py,
+    shared by the integration and fault suites: two gateways in one run would stop each other's Ray)."""
     log = tmp_path_factory.mktemp("gateway") / "serve.log"
     env = os.environ | {"CASCADE_HOME": str(tiny_home), "CASCADE_API_KEY": API_KEY}
     _stop_ray()
@@ -126,14 +135,3 @@ def replica_statuses(client: httpx.Client, replicas: int | None = None) -> dict[
 def queue_total(client: httpx.Client, field: str) -> int:
     """A queue counter summed over the Gateway replicas."""
     return sum(status["queue"][field] for status in replica_statuses(client).values())
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that change the shared gateway for good (a promoted model, a killed replica) run last,
-    in the order their ``destructive(order=N)`` marker gives."""
-
-    def rank(item: pytest.Item) -> int:
-        marker = item.get_closest_marker("destructive")
-        return 0 if marker is None else 1 + marker.kwargs.get("order", 0)
-
-    items.sort(key=rank)

@@ -29,7 +29,7 @@ from tests.conftest import CASCADE
 from tests.integration.conftest import TEST_BASE
 from tests.servers import free_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.own_cluster]
 
 RAY = str(Path(CASCADE).with_name("ray"))
 # Small enough to measure in a bounded test, and unlike Ray's defaults (1 h client timeout, 4096 connections), so

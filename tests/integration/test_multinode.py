@@ -29,7 +29,7 @@ from serving.app import default_serve_config
 from tests.conftest import CASCADE
 from tests.servers import free_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.own_cluster]
 
 RAY = str(Path(CASCADE).with_name("ray"))
 RATE = 20.0  # requests per second, open loop

@@ -19,7 +19,7 @@ from tests.integration.conftest import API_KEY, TEST_BASE, _stop_ray
 from tests.own_model_data import THREE_LABELS, three_label_csv, tiny_config
 from tests.servers import free_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.own_cluster]
 
 TEXTS = ["a dull, lifeless and overlong film", "one of the best films of the year, a joy",
          "it is a movie", "the acting is fine but the plot is a mess", "I laughed, I cried, I loved it"]

@@ -21,7 +21,7 @@ import pytest
 from tests.conftest import CASCADE
 from tests.servers import free_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.own_cluster]
 
 HAPROXY_STATS_PORT = 8404
 HAPROXY_METRICS_PORT = 9101
