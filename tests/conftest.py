@@ -70,11 +70,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=rank)
 
 
-@pytest.fixture(autouse=True)
-def _own_cluster_alone(request: pytest.FixtureRequest) -> None:
-    """A test that starts its own Ray (own_cluster) first stops any other on this machine, the shared gateway's
-    included, and the HAProxy that a forced stop leaves behind."""
-    if request.node.get_closest_marker("own_cluster") is not None:
+_shared_ray_stopped = False
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Before the first test with a Ray cluster of its own (they run last), stop the shared gateway's Ray and
+    the HAProxy that a forced stop leaves behind. A hook, not a fixture: it must run before that test's
+    module-scoped fixtures start their own cluster."""
+    global _shared_ray_stopped
+    if not _shared_ray_stopped and item.get_closest_marker("own_cluster") is not None:
         from tests.integration.conftest import _stop_ray
 
         _stop_ray()
+        _shared_ray_stopped = True

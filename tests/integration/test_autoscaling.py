@@ -20,12 +20,12 @@ import yaml
 
 from serving.app import default_serve_config
 from tests.conftest import CASCADE
+from tests.integration.conftest import _stop_ray
 from tests.servers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.own_cluster]
 
 SERVE = str(Path(CASCADE).with_name("serve"))
-RAY = str(Path(CASCADE).with_name("ray"))
 # Short delays and a low target so a few concurrent clients scale it within seconds (bounded test).
 GATEWAY_AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
                        "upscale_delay_s": 2, "downscale_delay_s": 5, "metrics_interval_s": 1,
@@ -53,7 +53,7 @@ def autoscaled_gateway(tiny_home: Path, tmp_path: Path) -> Iterator[str]:
     path.write_text(yaml.safe_dump(config))
     port = free_port()
     log = tmp_path / "serve.log"
-    subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+    _stop_ray()
     env = os.environ | {"CASCADE_HOME": str(tiny_home)}
     with log.open("w") as out:
         process = subprocess.Popen([CASCADE, "serve", "--no-fast", "--num-cpus", "2", "--port", str(port),
@@ -78,7 +78,7 @@ def autoscaled_gateway(tiny_home: Path, tmp_path: Path) -> Iterator[str]:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+        _stop_ray()
 
 
 def wait_for_replicas(wanted: int, timeout_s: float) -> float:

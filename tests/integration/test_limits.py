@@ -26,12 +26,11 @@ import yaml
 from serving.app import default_serve_config
 from serving.settings import ProcessLimits
 from tests.conftest import CASCADE
-from tests.integration.conftest import TEST_BASE
+from tests.integration.conftest import TEST_BASE, _stop_ray
 from tests.servers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.own_cluster]
 
-RAY = str(Path(CASCADE).with_name("ray"))
 # Small enough to measure in a bounded test, and unlike Ray's defaults (1 h client timeout, 4096 connections), so
 # passing tests show the values reached HAProxy.
 LIMITS = ProcessLimits(client_timeout_s=2, max_header_bytes=4096, max_connections=256, request_timeout_s=30,
@@ -63,7 +62,7 @@ def served(tiny_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     port = free_port()
     path.write_text(yaml.safe_dump(_config(port)))
     log = folder / "serve.log"
-    subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+    _stop_ray()
     env = os.environ | {"CASCADE_HOME": str(tiny_home)}
     with log.open("w") as out:
         process = subprocess.Popen([CASCADE, "serve", "--port", str(port), "--metrics-port", str(free_port()),
@@ -88,7 +87,7 @@ def served(tiny_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+        _stop_ray()
 
 
 def test_a_bad_limit_stops_cascade_serve_before_ray(tiny_home: Path, tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ import yaml
 
 from serving.app import default_serve_config
 from tests.conftest import CASCADE
+from tests.integration.conftest import _stop_ray
 from tests.servers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.own_cluster]
@@ -75,7 +76,7 @@ class Cluster:
 
 @pytest.fixture()
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+    _stop_ray()
     # Ray 2.60's head turns token authentication on when ~/.ray/auth_token exists, but `ray start --address`
     # sends a token only when RAY_AUTH_MODE says so: the second node was refused (InvalidAuthToken). Every
     # process of this cluster gets the mode and its own token, whatever ~/.ray holds.
@@ -90,7 +91,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
                       *node_ports((20000, 20999)), env=env)
             yield Cluster(f"127.0.0.1:{port}", env, Path(sockets))
         finally:
-            subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+            _stop_ray()
 
 
 @pytest.fixture()

@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from tests.conftest import CASCADE
+from tests.integration.conftest import _stop_ray
 from tests.servers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.own_cluster]
@@ -49,7 +50,7 @@ def _haproxy_processes() -> list[psutil.Process]:
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_to_the_process_group_leaves_no_listener(tiny_home: Path, tmp_path: Path,
                                                         stop_signal: signal.Signals) -> None:
-    subprocess.run([str(Path(CASCADE).with_name("ray")), "stop", "--force"], capture_output=True, timeout=120)
+    _stop_ray()
     assert not _haproxy_processes(), "an HAProxy from an earlier run is still alive; the check would be void"
     port = free_port()
     log = tmp_path / "serve.log"
@@ -87,4 +88,4 @@ def test_signal_to_the_process_group_leaves_no_listener(tiny_home: Path, tmp_pat
             os.killpg(process.pid, signal.SIGKILL)
         for haproxy in _haproxy_processes():  # never leave a listener behind for the next test
             haproxy.kill()
-        subprocess.run([str(Path(CASCADE).with_name("ray")), "stop", "--force"], capture_output=True, timeout=120)
+        _stop_ray()
