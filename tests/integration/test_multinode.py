@@ -27,7 +27,7 @@ import yaml
 
 from serving.app import default_serve_config
 from tests.conftest import CASCADE
-from tests.integration.conftest import _stop_ray
+from tests.integration.conftest import TEST_BASE, _stop_ray
 from tests.servers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.own_cluster]
@@ -106,6 +106,8 @@ def gateway_url(cluster: Cluster, tiny_home: Path, tmp_path: Path) -> Iterator[t
     deployments["Gateway"]["ray_actor_options"]["resources"] = {"gateway": 1}
     deployments["Gateway"]["user_config"]["routing"]["threshold"] = 1.0  # every text goes to the teacher
     deployments["Gateway"]["user_config"]["teacher"].update({"timeout_s": 2.0, "max_share": 1.0})
+    # The fault under test is the teacher's node; a loaded 2-core machine must not shed requests meanwhile.
+    deployments["Gateway"]["user_config"]["limits"].update(TEST_BASE["limits"])
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
     http_port = free_port()
