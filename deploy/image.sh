@@ -38,7 +38,7 @@ base() {
   if [[ ! -f "$tar" ]]; then
     mkdir -p .tools/image
     log "base: mmdebstrap --variant=minbase $suite from $sources"
-    mmdebstrap --quiet --variant=minbase --include=python3,python3-venv,ca-certificates \
+    mmdebstrap --quiet --variant=minbase --format=tar --include=python3,python3-venv,ca-certificates \
       --aptopt='Acquire::Check-Valid-Until "false"' "$suite" "$tar.partial" "$sources"
     mv "$tar.partial" "$tar"
   fi
