@@ -87,7 +87,7 @@ def build(
     except BuildInputError as exc:
         _fail(str(exc))
     report = json.loads((bundle.path / "report.json").read_text())
-    typer.echo(format_report(report))
+    typer.echo(format_report(report, default_task=cfg.data.path is None))
     typer.echo(f"\nbuilt {bundle.version} in {report['build_seconds'] / 60:.1f} min -> {bundle.path}")
 
 
@@ -125,7 +125,7 @@ def evaluate(
     report["evaluation"] = evaluation
     if save:
         report_path.write_text(json.dumps(report, indent=2))
-    typer.echo(format_report(report))
+    typer.echo(format_report(report, default_task=cfg.data.path is None))
 
 
 @app.command()

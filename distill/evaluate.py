@@ -197,8 +197,14 @@ def write_report(bundle_dir: Path, report: dict[str, Any]) -> None:
     (bundle_dir / "report.json").write_text(json.dumps(report, indent=2))
 
 
-def format_report(report: dict[str, Any]) -> str:
-    """The report as a plain-text table, with the issue's acceptance checks beside the numbers."""
+DEFAULT_TASK_TEACHER_FLOOR = 0.83  # the bundled movie-review task; other data has no known floor
+
+
+def format_report(report: dict[str, Any], default_task: bool = True) -> str:
+    """The report as a plain-text table, with the distillation targets checked beside the numbers.
+
+    The teacher's accuracy floor is known only for the bundled task; on your own data the teacher is
+    checked against the TF-IDF baseline instead."""
     ev = report.get("evaluation", report)
 
     def acc(entry: dict[str, float]) -> str:
@@ -209,7 +215,9 @@ def format_report(report: dict[str, Any]) -> str:
         ("bundle", ev["version"], ""),
         ("test texts", str(ev["test_texts"]), ""),
         ("TF-IDF + logistic regression accuracy", f"{ev['tfidf_logreg_accuracy']:.4f}", ""),
-        ("teacher accuracy [95% CI]", acc(teacher), _check(teacher["accuracy"] >= 0.83, ">= 0.83")),
+        ("teacher accuracy [95% CI]", acc(teacher),
+         _check(teacher["accuracy"] >= DEFAULT_TASK_TEACHER_FLOOR, f">= {DEFAULT_TASK_TEACHER_FLOOR}") if default_task
+         else _check(teacher["gain_over_tfidf"] > 0, "> TF-IDF")),
         ("teacher gain over TF-IDF", f"{teacher['gain_over_tfidf'] * 100:+.1f} points", ""),
         ("int8 student accuracy [95% CI]", acc(student),
          _check(student["ratio_to_teacher"] >= 0.97, f"{student['ratio_to_teacher']:.3f} x teacher, >= 0.97")),

@@ -102,3 +102,28 @@ def test_temperature_and_sweep_work_for_three_labels() -> None:
     points = sweep(softmax(logits), softmax(logits * 2), labels)
     assert points[0].teacher_share == 0.0 and points[-1].teacher_share == 1.0
     assert points[-1].agreement_with_teacher == 1.0
+
+
+def _evaluation(teacher_accuracy: float, tfidf: float) -> dict:
+    entry = {"accuracy": teacher_accuracy, "ci_low": teacher_accuracy - 0.02, "ci_high": teacher_accuracy + 0.02}
+    return {"version": "v1", "test_texts": 100, "tfidf_logreg_accuracy": tfidf,
+            "teacher": entry | {"gain_over_tfidf": teacher_accuracy - tfidf},
+            "student_int8": entry | {"ratio_to_teacher": 1.0},
+            "cascade": entry | {"accuracy_minus_teacher": 0.0, "accuracy_minus_teacher_ci": [-0.01, 0.01],
+                                "threshold": 0.9, "teacher_share": 0.1, "agreement_with_teacher": 0.98},
+            "latency_batch1_threads": 2, "student_latency": {"p50_ms": 1.0, "p99_ms": 2.0},
+            "teacher_latency": {"p50_ms": 10.0, "p99_ms": 20.0}, "speedup_p50": 10.0}
+
+
+def test_the_teacher_floor_applies_to_the_bundled_task_only() -> None:
+    """0.83 is the bundled movie task's floor; on a user's task the teacher must beat TF-IDF instead."""
+    from distill.evaluate import format_report
+
+    def teacher_row(report: str) -> str:
+        return next(line for line in report.splitlines() if line.startswith("teacher accuracy"))
+
+    weak_but_useful = {"evaluation": _evaluation(teacher_accuracy=0.70, tfidf=0.60)}
+    assert "FAIL (>= 0.83)" in teacher_row(format_report(weak_but_useful))
+    assert "PASS (> TF-IDF)" in teacher_row(format_report(weak_but_useful, default_task=False))
+    no_better_than_tfidf = {"evaluation": _evaluation(teacher_accuracy=0.70, tfidf=0.72)}
+    assert "FAIL (> TF-IDF)" in teacher_row(format_report(no_better_than_tfidf, default_task=False))
