@@ -175,6 +175,21 @@ def test_the_sqlite_queue_volume_is_mounted_on_the_head_only() -> None:
     assert {"name": "queue", "mountPath": "/data/queue"} in head["containers"][0]["volumeMounts"]
 
 
+def test_the_redistill_job_runs_beside_the_head_that_holds_the_sqlite_volume() -> None:
+    """A ReadWriteOnce volume mounts on one node: the CronJob must land on the head pod's node (SQLite only)."""
+    def job_pod(documents: list[dict]) -> dict:
+        cron = next(doc for doc in documents if doc["kind"] == "CronJob")
+        return cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+
+    documents = render()
+    head_labels = rayservice(documents)["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]["labels"]
+    (term,) = job_pod(documents)["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"] == head_labels
+    redis = render(CHART / "examples" / "multinode-redis.yaml")
+    assert "affinity" not in job_pod(redis)  # Redis is reached over the network from any node
+
+
 def test_autoscaling_switch_replaces_num_replicas() -> None:
     assert all("autoscaling_config" not in d for d in serve_deployments(render()).values())  # off by default
     deployments = serve_deployments(render(CHART / "examples" / "multinode-redis.yaml"))
