@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
+
+from loadtests.bench import wait_ready
+from tests.conftest import CASCADE
 
 
 def free_port() -> int:
@@ -153,3 +160,55 @@ def mlserver(workdir: Path, models: dict[str, dict]) -> Iterator[MLServer]:
         yield server
     finally:
         server.stop()
+
+
+def stop_ray() -> None:
+    """`ray stop --force`, then any Ray Serve HAProxy it orphaned: a forced stop kills the actor that owns
+    HAProxy, which would keep listening on the serving port and make the next gateway's start fail."""
+    subprocess.run([str(Path(CASCADE).with_name("ray")), "stop", "--force"], capture_output=True, timeout=120)
+    for process in psutil.process_iter(["name", "cmdline"]):
+        if process.info["name"] == "haproxy" and any("haproxy-serve" in arg for arg in process.info["cmdline"] or []):
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+
+
+@dataclass
+class Served:
+    """A running `cascade serve`: where it answers, its process (the leader of its own session) and its log."""
+
+    url: str
+    port: int
+    process: subprocess.Popen
+    log: Path
+
+
+@contextmanager
+def cascade_serve(*args: str, port: int, home: Path, log: Path, env: Mapping[str, str] | None = None,
+                  timeout_s: float = 300, own_ray: bool = True) -> Iterator[Served]:
+    """`cascade serve --port PORT *args` on the model home ``home``, ready on /v2/health/ready; stopped afterwards.
+
+    ``env`` is set over this process's environment. ``own_ray``: serve starts a local Ray of its own, so any Ray
+    on this machine is stopped before and after (`stop_ray`); False when it joins a cluster (``--address``) that
+    its fixture owns and stops. Not ready in ``timeout_s`` or exited: RuntimeError with the tail of the log.
+    """
+    if own_ray:
+        stop_ray()
+    environment = os.environ | dict(env or {}) | {"CASCADE_HOME": str(home)}
+    with log.open("w") as out:  # its own session: a last-resort SIGKILL reaches Ray's processes it started too
+        process = subprocess.Popen([CASCADE, "serve", "--port", str(port), *args], stdout=out,
+                                   stderr=subprocess.STDOUT, env=environment, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            wait_ready(url, "/v2/health/ready", timeout_s, process)
+        except RuntimeError as exc:
+            raise RuntimeError(f"cascade serve: {exc}; its log ends:\n{log.read_text()[-4000:]}") from None
+        yield Served(url, port, process, log)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        if own_ray:
+            stop_ray()

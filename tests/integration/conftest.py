@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -12,11 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
 from tests.conftest import CASCADE
-from tests.servers import free_port
+from tests.servers import cascade_serve, free_port, stop_ray
 
 API_KEY = "test-key-0123456789"
 PORT = 8123
@@ -37,48 +34,18 @@ class Gateway:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30, **kwargs)
 
 
-def _stop_ray() -> None:
-    """`ray stop --force`, then any Ray Serve HAProxy it orphaned: a forced stop kills the actor that owns
-    HAProxy, which would keep listening on the serving port and make the next gateway's start fail."""
-    subprocess.run([str(Path(CASCADE).with_name("ray")), "stop", "--force"], capture_output=True, timeout=120)
-    for process in psutil.process_iter(["name", "cmdline"]):
-        if process.info["name"] == "haproxy" and any("haproxy-serve" in arg for arg in process.info["cmdline"] or []):
-            with contextlib.suppress(psutil.Error):
-                process.kill()
+# The name tests/conftest.py and tests/integration/test_shutdown.py import; the one definition is in tests/servers.py.
+_stop_ray = stop_ray
 
 
 def run_gateway(tiny_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """`cascade serve` on the tiny bundle until the session ends (the ``gateway`` fixture in tests/conftest.py,
     shared by the integration and fault suites: two gateways in one run would stop each other's Ray)."""
     log = tmp_path_factory.mktemp("gateway") / "serve.log"
-    env = os.environ | {"CASCADE_HOME": str(tiny_home), "CASCADE_API_KEY": API_KEY}
-    _stop_ray()
     metrics_port = free_port()
-    with log.open("w") as out:
-        process = subprocess.Popen([CASCADE, "serve", "--port", str(PORT), "--metrics-port", str(metrics_port)],
-                                   stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{PORT}"
-    deadline = time.monotonic() + 300
-    try:
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"cascade serve exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"gateway not ready after 300 s:\n{log.read_text()[-4000:]}")
-            time.sleep(2)
-        yield Gateway(url, tiny_home, log, metrics_port)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-        _stop_ray()
+    with cascade_serve("--metrics-port", str(metrics_port), port=PORT, home=tiny_home, log=log,
+                       env={"CASCADE_API_KEY": API_KEY}) as served:
+        yield Gateway(served.url, tiny_home, log, metrics_port)
 
 
 def apply_config(gateway: Gateway, **user_config: dict) -> None:

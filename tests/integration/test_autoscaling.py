@@ -7,7 +7,6 @@ Run under the shared Ray lock (it starts its own `cascade serve` and stops Ray):
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -20,8 +19,7 @@ import yaml
 
 from serving.app import default_serve_config
 from tests.conftest import CASCADE
-from tests.integration.conftest import _stop_ray
-from tests.servers import free_port
+from tests.servers import cascade_serve, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.own_cluster]
 
@@ -51,34 +49,9 @@ def autoscaled_gateway(tiny_home: Path, tmp_path: Path) -> Iterator[str]:
     gateway["user_config"]["routing"]["threshold"] = 0.0  # the student answers: load on the Gateway only
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
-    port = free_port()
-    log = tmp_path / "serve.log"
-    _stop_ray()
-    env = os.environ | {"CASCADE_HOME": str(tiny_home)}
-    with log.open("w") as out:
-        process = subprocess.Popen([CASCADE, "serve", "--no-fast", "--num-cpus", "2", "--port", str(port),
-                                    "--metrics-port", str(free_port()), "--config", str(path)],
-                                   stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert process.poll() is None, log.read_text()[-4000:]
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"not ready after 300 s:\n{log.read_text()[-4000:]}"
-            time.sleep(2)
-        yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-        _stop_ray()
+    with cascade_serve("--no-fast", "--num-cpus", "2", "--metrics-port", str(free_port()), "--config", str(path),
+                       port=free_port(), home=tiny_home, log=tmp_path / "serve.log") as served:
+        yield served.url
 
 
 def wait_for_replicas(wanted: int, timeout_s: float) -> float:

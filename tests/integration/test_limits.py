@@ -10,13 +10,11 @@ Run under the shared Ray lock (it starts its own `cascade serve` and stops Ray):
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -26,8 +24,8 @@ import yaml
 from serving.app import default_serve_config
 from serving.settings import ProcessLimits
 from tests.conftest import CASCADE
-from tests.integration.conftest import TEST_BASE, _stop_ray
-from tests.servers import free_port
+from tests.integration.conftest import TEST_BASE
+from tests.servers import Served, cascade_serve, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.own_cluster]
 
@@ -36,13 +34,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.own_cluster]
 LIMITS = ProcessLimits(client_timeout_s=2, max_header_bytes=4096, max_connections=256, request_timeout_s=30,
                        keep_alive_timeout_s=30)
 TEXT = {"texts": ["a warm, funny and beautifully acted film"]}
-
-
-@dataclass
-class Served:
-    url: str
-    port: int
-    log: Path
 
 
 def _config(port: int) -> dict:
@@ -61,33 +52,9 @@ def served(tiny_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     path = folder / "serve.yaml"
     port = free_port()
     path.write_text(yaml.safe_dump(_config(port)))
-    log = folder / "serve.log"
-    _stop_ray()
-    env = os.environ | {"CASCADE_HOME": str(tiny_home)}
-    with log.open("w") as out:
-        process = subprocess.Popen([CASCADE, "serve", "--port", str(port), "--metrics-port", str(free_port()),
-                                    "--config", str(path)],
-                                   stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert process.poll() is None, log.read_text()[-4000:]
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"not ready after 300 s:\n{log.read_text()[-4000:]}"
-            time.sleep(2)
-        yield Served(url, port, log)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-        _stop_ray()
+    with cascade_serve("--metrics-port", str(free_port()), "--config", str(path), port=port, home=tiny_home,
+                       log=folder / "serve.log") as served:
+        yield served
 
 
 def test_a_bad_limit_stops_cascade_serve_before_ray(tiny_home: Path, tmp_path: Path) -> None:

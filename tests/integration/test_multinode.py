@@ -27,8 +27,8 @@ import yaml
 
 from serving.app import default_serve_config
 from tests.conftest import CASCADE
-from tests.integration.conftest import TEST_BASE, _stop_ray
-from tests.servers import free_port
+from tests.integration.conftest import TEST_BASE
+from tests.servers import cascade_serve, free_port, stop_ray
 
 pytestmark = [pytest.mark.integration, pytest.mark.own_cluster]
 
@@ -76,7 +76,7 @@ class Cluster:
 
 @pytest.fixture()
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    _stop_ray()
+    stop_ray()
     # Ray 2.60's head turns token authentication on when ~/.ray/auth_token exists, but `ray start --address`
     # sends a token only when RAY_AUTH_MODE says so: the second node was refused (InvalidAuthToken). Every
     # process of this cluster gets the mode and its own token, whatever ~/.ray holds.
@@ -91,7 +91,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
                       *node_ports((20000, 20999)), env=env)
             yield Cluster(f"127.0.0.1:{port}", env, Path(sockets))
         finally:
-            _stop_ray()
+            stop_ray()
 
 
 @pytest.fixture()
@@ -110,31 +110,10 @@ def gateway_url(cluster: Cluster, tiny_home: Path, tmp_path: Path) -> Iterator[t
     deployments["Gateway"]["user_config"]["limits"].update(TEST_BASE["limits"])
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
-    http_port = free_port()
-    log = tmp_path / "serve.log"
-    with log.open("w") as out:
-        process = subprocess.Popen([CASCADE, "serve", "--no-fast", "--address", cluster.address, "--port",
-                                    str(http_port), "--config", str(path)], stdout=out, stderr=subprocess.STDOUT,
-                                   env=cluster.env | {"CASCADE_HOME": str(tiny_home)}, start_new_session=True)
-    url = f"http://127.0.0.1:{http_port}"
-    try:
-        deadline = time.monotonic() + 400
-        while True:
-            assert process.poll() is None, log.read_text()[-4000:]
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"not ready after 400 s:\n{log.read_text()[-4000:]}"
-            time.sleep(2)
-        yield url, teacher_port
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+    with cascade_serve("--no-fast", "--address", cluster.address, "--config", str(path), port=free_port(),
+                       home=tiny_home, log=tmp_path / "serve.log", env=cluster.env, timeout_s=400,
+                       own_ray=False) as served:  # the cluster fixture stops Ray
+        yield served.url, teacher_port
 
 
 @dataclass

@@ -3,10 +3,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,10 +10,10 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import CASCADE, run_cli
-from tests.integration.conftest import API_KEY, TEST_BASE, _stop_ray
+from tests.conftest import run_cli
+from tests.integration.conftest import API_KEY, TEST_BASE
 from tests.own_model_data import THREE_LABELS, three_label_csv, tiny_config
-from tests.servers import free_port
+from tests.servers import cascade_serve, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.own_cluster]
 
@@ -56,36 +52,12 @@ def _serve_config(port: int, path: Path) -> Path:
 def own_gateway(own_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     log = tmp_path_factory.mktemp("own-gateway") / "serve.log"
     port = free_port()
-    env = os.environ | {"CASCADE_HOME": str(own_home), "CASCADE_API_KEY": API_KEY}
-    _stop_ray()
-    with log.open("w") as out:
-        # --no-fast: Ray's Python proxy, no HAProxy, whose fixed stats ports another gateway on this host may hold.
-        command = [CASCADE, "serve", "--no-fast", "--port", str(port), "--metrics-port", str(free_port()),
-                   "--config", str(_serve_config(port, log.with_name("serve.yaml")))]
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"cascade serve exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"gateway not ready after 300 s:\n{log.read_text()[-4000:]}")
-            time.sleep(2)
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as client:
-            yield client
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-        _stop_ray()
+    # --no-fast: Ray's Python proxy, no HAProxy, whose fixed stats ports another gateway on this host may hold.
+    with cascade_serve("--no-fast", "--metrics-port", str(free_port()),
+                       "--config", str(_serve_config(port, log.with_name("serve.yaml"))),
+                       port=port, home=own_home, log=log, env={"CASCADE_API_KEY": API_KEY}) as served, \
+            httpx.Client(base_url=served.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as client:
+        yield client
 
 
 def _classify(client: httpx.Client, route: str) -> list[dict]:
