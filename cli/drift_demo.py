@@ -67,9 +67,12 @@ def _private_home(home: Path) -> Path:
     registry.mkdir()
     link_tree(source.root / version, registry / version)
     (registry / "current").write_text(version + "\n")
-    logits_cache = home / "work" / "teacher_logits"  # re-distillation's teacher logits, if computed before
-    if logits_cache.is_dir():
-        link_tree(logits_cache, target / "work" / "teacher_logits")
+    # Teacher answers on the base splits are cached by teacher and text (distill.evaluate.teacher_cache_dir);
+    # every run shares your home's cache, so the teacher reads each base text once, not once per run.
+    answers = home / "work" / "teacher_answers"
+    answers.mkdir(parents=True, exist_ok=True)
+    (target / "work").mkdir()
+    (target / "work" / "teacher_answers").symlink_to(answers.resolve(), target_is_directory=True)
     return target
 
 

@@ -6,8 +6,8 @@ gave one (``/v1/feedback``), else the teacher's probabilities turned back into l
 
 Three disjoint slices of the leased records, fixed by record id so every run agrees:
 
-- the gate's held-out slice: shadow records only (a uniform sample of student-served traffic, not
-  the disagreements the fallback path keeps), never trained on;
+- the gate's held-out slice: a uniform sample of recent traffic (shadow and fallback records, each
+  held out with a chance inverse to its sampling probability; see ``split_records``), never trained on;
 - the selection slice: chooses the epoch (checkpoint) on recent traffic, under a base-val constraint
   (agreement with the teacher on base val at most ``base_val_drop`` below the current student's);
 - the rest is learnt from.
@@ -144,18 +144,32 @@ def gate_target(record: DisagreementRecord) -> int:
 
 def split_records(leased: list[Leased], teacher_version: str, holdout_share: float,
                   select_share: float) -> tuple[list[Leased], list[Leased], list[Leased]]:
-    """(gate held-out, checkpoint selection, learn): disjoint, stable by record id. Only shadow records of
-    the current teacher are held out for the gate: they are the unbiased sample of recent traffic."""
-    holdout, select, learn = [], [], []
+    """(gate held-out, checkpoint selection, learn): disjoint, stable by record id, no text in two slices.
+
+    The held-out slice is a uniform sample of recent *traffic* answered by the current teacher. Shadow
+    records sample student-served texts with probability ``s`` (the shadow share); fallback records hold
+    deferred texts with probability ``p >= s``. Holding a record out with probability
+    ``holdout_share * s / p`` gives every text the same chance, ``holdout_share * s``. Shadow records
+    alone would sample only the texts the current student was sure of, where it is right by selection:
+    the gate would favour it against any candidate. Feedback records are not traffic; they are learnt from.
+    Records that repeat a held-out text (the same text sent twice, or sent again with its true label)
+    are left out of training, so the gate never judges a text the candidate learnt.
+    """
+    traffic = [item for item in leased if item.record.reason in ("shadow", "fallback")
+               and item.record.teacher_version == teacher_version and item.record.teacher_probs is not None]
+    shadow_share = min((item.record.sampling_probability for item in traffic if item.record.reason == "shadow"),
+                       default=None)
+    holdout = [] if shadow_share is None else [
+        item for item in traffic
+        if _is_holdout(item.record.id, holdout_share * shadow_share / item.record.sampling_probability)]
+    held_ids = {item.record.id for item in holdout}
+    held_texts = {item.record.text for item in holdout}
+    select, learn = [], []
     for item in leased:
         record = item.record
-        if (record.reason == "shadow" and record.teacher_version == teacher_version
-                and record.teacher_probs is not None and _is_holdout(record.id, holdout_share)):
-            holdout.append(item)
-        elif _is_holdout(record.id + "/select", select_share):
-            select.append(item)
-        else:
-            learn.append(item)
+        if record.id in held_ids or record.text in held_texts:
+            continue
+        (select if _is_holdout(record.id + "/select", select_share) else learn).append(item)
     return holdout, select, learn
 
 
