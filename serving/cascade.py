@@ -93,6 +93,9 @@ class CascadeRouter:
         # (no spare capacity) thins the sample, so a record's probability is the share times this rate.
         self._shadow_outcomes: deque[tuple[int, int]] = deque(maxlen=1000)
         self._background: set[asyncio.Task] = set()
+        # Seconds of student work per queued text (moving average over batches): admission refuses at once
+        # a request whose texts could not start before the queue deadline, instead of queueing it to shed.
+        self.seconds_per_text: float | None = None
         # One worker thread: ONNX Runtime work leaves the event loop, which keeps accepting
         # requests (and filling the next batch) while a batch runs.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="student")
@@ -129,7 +132,11 @@ class CascadeRouter:
             student = items[indices[0]][0]
             started = self.clock()
             logits = await loop.run_in_executor(self._executor, student.logits, [items[i][1] for i in indices])
-            self.metrics.student.call(len(indices), self.clock() - started)
+            elapsed = self.clock() - started
+            self.metrics.student.call(len(indices), elapsed)
+            per_text = elapsed / len(indices)
+            self.seconds_per_text = per_text if self.seconds_per_text is None else (
+                0.8 * self.seconds_per_text + 0.2 * per_text)
             for row, index in zip(logits, indices, strict=True):
                 out[index] = row
         return out
@@ -152,6 +159,17 @@ class CascadeRouter:
         if any(row is None for row in rows):
             raise Overloaded(f"queued longer than {self.config.limits.queue_deadline_s} s before the student ran")
         return np.stack(rows)
+
+    def _refuse_if_backlogged(self, texts: int, deadline: float) -> None:
+        """Refuse now (fast 503) when the texts already queued for the student take longer to run than
+        this request may wait: queueing it would only shed it at its deadline, slowly, and slow the rest."""
+        if self.seconds_per_text is None or self._student_batcher.waiting == 0:
+            return
+        expected_start = self.clock() + (self._student_batcher.waiting + texts) * self.seconds_per_text
+        if expected_start > deadline:
+            raise Overloaded(f"{self._student_batcher.waiting} texts queued for the student, about "
+                             f"{self._student_batcher.waiting * self.seconds_per_text:.2f} s of work: more than "
+                             f"the {self.config.limits.queue_deadline_s} s queue deadline")
 
     # -- the teacher ----------------------------------------------------------------------------
     async def _ask_teacher(self, texts: list[str], enforce_budget: bool, shadow: bool = False
@@ -193,6 +211,8 @@ class CascadeRouter:
         deadline = (started if started is not None else self.clock()) + self.config.limits.queue_deadline_s
         if self.clock() > deadline:
             raise Overloaded(f"queued longer than {self.config.limits.queue_deadline_s} s before it started")
+        if route is not Route.TEACHER:
+            self._refuse_if_backlogged(len(texts), deadline)
         teacher_version, reason = bundle.teacher_version, None
         if route is Route.TEACHER:
             # Forced teacher: the student is not run unless the teacher fails (then it answers, degraded),

@@ -216,6 +216,48 @@ def test_a_request_queued_past_its_deadline_is_shed_not_run() -> None:
     assert run(cascade.classify_texts(["sure a", "sure b"], Route.AUTO))[0]["served_by"] == "student"
 
 
+def test_a_request_that_could_not_start_before_its_deadline_is_refused_at_once() -> None:
+    """With texts queued ahead that take longer than the queue deadline, a new request is refused on arrival
+    (before queueing, so the refusal is fast) instead of waiting to be shed; once the queue drains it is served."""
+    import threading
+
+    class BlockedStudent(Student):
+        def __init__(self) -> None:
+            super().__init__()
+            self.release = threading.Event()
+
+        def logits(self, texts: list[str]) -> np.ndarray:
+            self.release.wait(timeout=10)
+            return super().logits(texts)
+
+    cascade = router(Teacher(), limits={"queue_deadline_s": 0.5})
+    student = BlockedStudent()
+    cascade.snapshot = Snapshot(bundle("v1"), student, DeferralPolicy(threshold=0.9))
+
+    async def scenario() -> tuple[str, int, list[dict]]:
+        cascade.in_flight = 2  # busy: texts go through the batch queue
+        running = asyncio.create_task(cascade._student_answer(cascade.snapshot, ["sure a"], cascade.clock() + 10))
+        await asyncio.sleep(0.05)  # that batch is now blocked in the worker thread
+        queued = asyncio.create_task(cascade._student_answer(cascade.snapshot, ["sure"] * 8, cascade.clock() + 10))
+        await asyncio.sleep(0.05)
+        assert cascade._student_batcher.waiting == 8
+        cascade.seconds_per_text = 0.1  # as measured: 8 queued texts are 0.8 s of work, past the 0.5 s deadline
+        try:
+            await cascade.classify_texts(["sure c", "sure d"], Route.AUTO)
+            refusal = ""
+        except Overloaded as exc:
+            refusal = str(exc)
+        waiting_after_refusal = cascade._student_batcher.waiting
+        student.release.set()
+        await asyncio.gather(running, queued)
+        return refusal, waiting_after_refusal, await cascade.classify_texts(["sure c", "sure d"], Route.AUTO)
+
+    refusal, waiting, served = run(scenario())
+    assert "8 texts queued for the student" in refusal
+    assert waiting == 8  # the refused texts never joined the queue
+    assert [r["served_by"] for r in served] == ["student", "student"]
+
+
 def test_admission_limit_is_derived_below_rays_and_validated() -> None:
     from serving.app import DEPLOYMENT_OPTIONS
 
