@@ -317,25 +317,41 @@ def distill(
     queue: QueueUrl = None,
     home: Home = None,
     every: Annotated[str | None, typer.Option(help="Run again after this long (e.g. 6h); stop with Ctrl-C.")] = None,
-    epochs: Annotated[int, typer.Option(help="Epochs over base + queued texts.")] = 2,
+    config: Annotated[Path | None, typer.Option(help="YAML of re-distillation settings (`cascade distill "
+                                                "--print-config` shows them all); flags override it.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs over base + queued texts.")] = None,
     promote: Annotated[bool, typer.Option(help="Promote a new student that passes the gate.")] = True,
-    max_accuracy_drop: Annotated[float, typer.Option(help="Largest base-test accuracy loss the gate allows.")] = 0.005,
-    queue_sharpen: Annotated[float, typer.Option(min=1.0, help="Scale queued teacher logits by this (sharper "
-                                                 "targets on the queued domain).")] = 1.0,
+    max_accuracy_drop: Annotated[float | None, typer.Option(help="Non-inferiority margin of the gate on the base "
+                                                            "test set.")] = None,
+    queue_sharpen: Annotated[float | None, typer.Option(min=1.0, help="Scale queued teacher logits by this "
+                                                        "(sharper targets on the queued domain).")] = None,
+    print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved settings and exit.")
+                            ] = False,
 ) -> None:
     """Re-distill the student from the queue, gate it against the current one, register and promote it."""
     import time
 
+    import yaml
+    from pydantic import ValidationError
+
+    from distill.redistill import RedistillConfig, redistill
+
+    flags = {"epochs": epochs, "max_accuracy_drop": max_accuracy_drop, "queue_sharpen": queue_sharpen}
+    try:
+        settings = yaml.safe_load(config.read_text()) or {} if config else {}
+        cfg = RedistillConfig.model_validate(settings | {"promote": promote}
+                                             | {k: v for k, v in flags.items() if v is not None})
+    except (OSError, yaml.YAMLError, ValidationError) as exc:
+        _fail(f"re-distillation settings: {exc}".replace("\n", " "))
+    if print_config:
+        typer.echo(yaml.safe_dump(cfg.model_dump(), sort_keys=False), nl=False)
+        return
     if not from_queue:
         _fail("only --from-queue is supported: `cascade build` makes a bundle from the base data")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from distill.redistill import RedistillConfig, redistill
-
     home = _home(home)
     period = _duration_s(every) if every else None
-    cfg = RedistillConfig(epochs=epochs, promote=promote, max_accuracy_drop=max_accuracy_drop,
-                          queue_sharpen=queue_sharpen)
     while True:
         result = redistill(home, _open_queue(queue, home), cfg)
         typer.echo(result.model_dump_json(indent=2))
