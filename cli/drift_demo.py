@@ -136,7 +136,7 @@ def _serve_config(port: int) -> dict:
     return config
 
 
-def run_once(home: Path, seed: int, port: int, epochs: int, queue_sharpen: float, texts: int | None) -> dict:
+def run_once(home: Path, seed: int, port: int, distill_config: Path | None, texts: int | None) -> dict:
     """One run on a private copy of the bundle; returns its measurements (see the module docstring)."""
     amazon = load_amazon_snippets()
     rng = np.random.default_rng(seed)
@@ -186,8 +186,8 @@ def run_once(home: Path, seed: int, port: int, epochs: int, queue_sharpen: float
             print(f"streamed in {time.monotonic() - started:.0f} s; queue backlog {queued['backlog']}", flush=True)
             gauge = _live_gauge(f"http://127.0.0.1:{port + 1}/metrics")
             queue_estimate = queued.get("estimate", {}).get("live_agreement")
-            distill = subprocess.run([_cascade(), "distill", "--from-queue", "--epochs", str(epochs),
-                                      "--queue-sharpen", str(queue_sharpen)], env=env,
+            settings = ["--config", str(distill_config)] if distill_config else []
+            distill = subprocess.run([_cascade(), "distill", "--from-queue", *settings], env=env,
                                      stdout=subprocess.PIPE, text=True)
             outcome = json.loads(distill.stdout[distill.stdout.index("{"):])
             print(f"cascade distill --from-queue: {outcome['status']}: {outcome['message']}", flush=True)
@@ -259,12 +259,12 @@ def _checks(r: dict) -> list[tuple[str, str, bool]]:
     ]
 
 
-def run(home: Path, port: int = 8765, epochs: int = 2, queue_sharpen: float = 1.0, runs: int = 3,
+def run(home: Path, port: int = 8765, distill_config: Path | None = None, runs: int = 3,
         texts: int | None = None) -> int:
     """The whole demonstration; returns 0 when every target is met in every run."""
     results, passed = [], True
     for seed in SEEDS[:runs] if runs <= len(SEEDS) else range(SEEDS[0], SEEDS[0] + runs):
-        result = run_once(home, seed, port, epochs, queue_sharpen, texts)
+        result = run_once(home, seed, port, distill_config, texts)
         results.append(result)
         print(f"\nrun seed={seed}: {result['old_version']} -> {result['new_version']}")
         for name, measured, ok in _checks(result):

@@ -588,8 +588,8 @@ def loadtest(
 @app.command("drift-demo")
 def drift_demo(home: Home = None,
                port: Annotated[int, typer.Option(help="Port of the demo's own gateway (127.0.0.1).")] = 8765,
-               epochs: Annotated[int, typer.Option(help="Re-distillation epochs.")] = 2,
-               queue_sharpen: Annotated[float, typer.Option(min=1.0, help="Passed to `cascade distill`.")] = 1.0,
+               distill_config: Annotated[Path | None, typer.Option(help="Re-distillation settings YAML, passed "
+                                                                   "to `cascade distill --config`.")] = None,
                runs: Annotated[int, typer.Option(min=1, help="Runs, each with its own seed and stream order.")] = 3,
                texts: Annotated[int | None, typer.Option(min=30, help="Use only this many Amazon texts (a smoke "
                                                          "run on a tiny bundle); default all.")] = None,
@@ -600,7 +600,7 @@ def drift_demo(home: Home = None,
     """
     from cli.drift_demo import run
 
-    raise typer.Exit(code=run(_home(home), port=port, epochs=epochs, queue_sharpen=queue_sharpen, runs=runs,
+    raise typer.Exit(code=run(_home(home), port=port, distill_config=distill_config, runs=runs,
                               texts=texts))
 
 

@@ -43,7 +43,7 @@ from bundle.registry import (
     link_tree,
 )
 from bundle.runtime import StudentRuntime
-from bundle.teachers import open_teacher, teacher_logits_sync
+from bundle.teachers import TeacherClient, open_teacher, teacher_logits_sync
 from distill import train
 from distill.build import calibrate_bundle_dir, splits_for
 from distill.config import BuildConfig
@@ -67,6 +67,8 @@ class RedistillConfig(BaseModel):
                               "traffic is what the new student must learn, and it is far smaller than the base set.")
     base_replay: int | None = Field(None, ge=0, description="Base training texts replayed beside the queued "
                                     "records (a fixed random subset); None: all of them.")
+    augment_copies: int = Field(2, ge=0, description="Teacher-labelled perturbed copies of each queued teacher "
+                                "answer added to each epoch (words dropped or a span kept, as in the build).")
     label_weight: int = Field(3, ge=0, description="Each record with a true label (/v1/feedback) counts this many "
                               "times; 0: labels are not learnt from (they still judge the gate).")
     batch_size: int = Field(32, ge=1)
@@ -88,6 +90,9 @@ class RedistillConfig(BaseModel):
                                     "than at the last look against the same current student.")
     lease_s: float = Field(2 * 3600, gt=0, description="How long the run holds its records.")
     promote: bool = True
+    register_whatever_the_gate_says: bool = Field(False, description="Register the candidate even when the gate "
+                                                  "does not promote it (it is never promoted then): for measuring "
+                                                  "recipes in a throwaway model home (python -m distill.recipes).")
 
 
 class RedistillResult(BaseModel):
@@ -105,11 +110,9 @@ def _is_holdout(record_id: str, share: float) -> bool:
     return digest / 0xFFFFFFFF < share
 
 
-def _teacher_logits(bundle: Bundle, splits: Splits, max_length: int, threads: int) -> dict[str, np.ndarray]:
+def _teacher_logits(bundle: Bundle, teacher: TeacherClient, splits: Splits) -> dict[str, np.ndarray]:
     """Teacher logits on the base splits from the teacher the bundle names (its weights or a remote server),
     cached on disk by teacher and text, so a re-distillation pays for each text once."""
-    teacher = open_teacher(bundle.manifest.teacher, bundle.path, bundle.manifest.labels, max_length=max_length,
-                           threads=threads)
     return {name: teacher_logits_sync(teacher, getattr(splits, name).texts, teacher_cache_dir(bundle))
             for name in ("train", "val", "test")}
 
@@ -229,7 +232,9 @@ def redistill(home: Path, queue: QueueBackend, cfg: RedistillConfig) -> Redistil
                      f"held-out records against {parent.version}; a new look needs new evidence: {needed} "
                      f"(now {len(holdout)})")
     splits = splits_for(build_cfg)
-    base_logits = _teacher_logits(parent, splits, build_cfg.max_length, build_cfg.threads)
+    teacher = open_teacher(parent.manifest.teacher, parent.path, parent.manifest.labels,
+                           max_length=build_cfg.max_length, threads=build_cfg.threads)
+    base_logits = _teacher_logits(parent, teacher, splits)
     n_labels, max_length = len(parent.manifest.labels), build_cfg.max_length
     t_teacher = parent.manifest.temperatures.teacher
 
@@ -284,12 +289,23 @@ def redistill(home: Path, queue: QueueBackend, cfg: RedistillConfig) -> Redistil
     selection_set = Dataset(name=f"{splits.val.name}+selection", texts=splits.val.texts + select_texts,
                             labels=np.concatenate([splits.val.labels, select_labels]).astype(np.int64),
                             label_names=splits.val.label_names)
+    # Teacher-labelled perturbations of the queued texts, fresh each epoch: the shifted domain is seen
+    # through a few thousand texts at most, and the teacher can answer variants of them (as in the build).
+    answered = list(dict.fromkeys(item.record.text for item in learn if item.record.label is None))
+
+    def augmented(_epoch: int, rng: np.random.Generator) -> tuple[list[str], np.ndarray]:
+        texts = [text for _ in range(cfg.augment_copies) for text in train.perturb(answered, rng)]
+        if not texts:
+            return [], np.zeros((0, n_labels), np.float32)
+        return texts, teacher_logits_sync(teacher, texts) * cfg.queue_sharpen
+
     tokenizer = train.load_tokenizer(parent.tokenizer_dir)
     student, _ = train.fit(
         _starting_student(parent, build_cfg), tokenizer, combined, selection_set, epochs=cfg.epochs, lr=cfg.lr,
         batch_size=cfg.batch_size, max_length=build_cfg.max_length,
         loss_fn=train.distillation_loss(build_cfg.distillation.alpha, build_cfg.distillation.temperature),
         soft_targets=soft, score=checkpoint_score, bucket_by_length=True, seed=build_cfg.seed,
+        extra=augmented if cfg.augment_copies else None, extra_per_epoch=cfg.augment_copies * len(answered),
         desc="re-distillation",
     )
 
@@ -332,7 +348,7 @@ def redistill(home: Path, queue: QueueBackend, cfg: RedistillConfig) -> Redistil
             "max_accuracy_drop": cfg.max_accuracy_drop,
             "passed": decision.outcome == "promote",
         }
-        if decision.outcome != "promote":
+        if decision.outcome != "promote" and not cfg.register_whatever_the_gate_says:
             shutil.rmtree(staging, ignore_errors=True)
             status = "rejected" if decision.outcome == "reject" else "wait"
             return _wait(queue, leased, parent, f"gate: {decision.outcome}: " + "; ".join(decision.reasons), gate,
@@ -364,11 +380,12 @@ def redistill(home: Path, queue: QueueBackend, cfg: RedistillConfig) -> Redistil
                                  teacher_logits_test=base_logits["test"])
     write_report(bundle.path, {"evaluation": evaluation, "calibration": calibration,
                                "build_seconds": time.time() - started})
-    if cfg.promote:
+    promoted = cfg.promote and decision.outcome == "promote"
+    if promoted:
         registry.promote(bundle.version)
     # Only now, with the new version registered, are the records done with.
     queue.ack([item.token for item in leased])
-    return RedistillResult(status="promoted" if cfg.promote else "registered", version=bundle.version,
+    return RedistillResult(status="promoted" if promoted else "registered", version=bundle.version,
                            parent_version=parent.version, gate=gate, records_used=len(leased),
                            message=f"{bundle.version} registered from {len(learn)} queued records; "
                            + "; ".join(decision.reasons))

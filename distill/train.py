@@ -177,6 +177,7 @@ def fit(
     loss_fn: LossFn,
     soft_targets: np.ndarray | None = None,
     extra: EpochExtra | None = None,
+    extra_per_epoch: int | None = None,
     score: Score | None = None,
     bucket_by_length: bool = False,
     seed: int = 0,
@@ -185,13 +186,14 @@ def fit(
     """Train with AdamW and linear decay; keep the epoch with the best val score (selection on val).
 
     ``extra(epoch, rng)`` may add texts with teacher logits to each epoch (their label is the
-    teacher's); ``score(val_logits)`` defaults to val accuracy. ``bucket_by_length`` batches texts
+    teacher's; ``extra_per_epoch`` of them, default as many as ``train``, sizes the schedule);
+    ``score(val_logits)`` defaults to val accuracy. ``bucket_by_length`` batches texts
     of similar length (faster on CPU); off, batches are plain shuffles (the teacher's recipe).
     """
     generator = np.random.default_rng(seed)
     torch.manual_seed(seed)
     score = score or (lambda logits: float((logits.argmax(-1) == val.labels).mean()))
-    extra_per_epoch = 0 if extra is None else len(train)
+    extra_per_epoch = 0 if extra is None else len(train) if extra_per_epoch is None else extra_per_epoch
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     steps = epochs * max(1, -(-(len(train) + extra_per_epoch) // batch_size))
     warmup = max(1, steps // 10)
