@@ -78,6 +78,17 @@ def _private_home(home: Path) -> Path:
     return target
 
 
+def _candidate_probs(home: Path, version: str, texts: list[str]) -> np.ndarray:
+    """A registered candidate's calibrated probabilities, from its own files (the gateway serves `current`)."""
+    from bundle.registry import Registry
+    from bundle.runtime import StudentRuntime
+    from routing.confidence import softmax
+
+    bundle = Registry(home).load(version)
+    runtime = StudentRuntime(bundle.student_path, bundle.tokenizer_dir, bundle.manifest.max_length, 2)
+    return softmax(runtime.logits(texts), bundle.manifest.temperatures.student)
+
+
 def _answers(client: httpx.Client, texts: list[str], route: str) -> tuple[np.ndarray, np.ndarray, str]:
     """Probabilities, confidences and the student version of one model's answers, over HTTP."""
     probs, confidence, version = [], [], ""
@@ -188,8 +199,12 @@ def run_once(home: Path, seed: int, port: int, distill_config: Path | None, text
             print(f"streamed in {time.monotonic() - started:.0f} s; queue backlog {queued['backlog']}", flush=True)
             gauge = _live_gauge(f"http://127.0.0.1:{port + 1}/metrics")
             queue_estimate = queued.get("estimate", {}).get("live_agreement")
-            settings = ["--config", str(distill_config)] if distill_config else []
-            distill = subprocess.run([_cascade(), "distill", "--from-queue", *settings], env=env,
+            # The candidate is registered whatever the gate says (promoted only if it passes), so every run
+            # measures it on the held-out slice: the gate's verdict and the direct measurement side by side.
+            settings = (yaml.safe_load(distill_config.read_text()) or {}) if distill_config else {}
+            settings_path = demo_home / "distill.yaml"
+            settings_path.write_text(yaml.safe_dump(settings | {"register_whatever_the_gate_says": True}))
+            distill = subprocess.run([_cascade(), "distill", "--from-queue", "--config", str(settings_path)], env=env,
                                      stdout=subprocess.PIPE, text=True)
             outcome = json.loads(distill.stdout[distill.stdout.index("{"):])
             print(f"cascade distill --from-queue: {outcome['status']}: {outcome['message']}", flush=True)
@@ -201,6 +216,8 @@ def run_once(home: Path, seed: int, port: int, distill_config: Path | None, text
                     in_a_row = in_a_row + 1 if probe["results"][0]["student_version"] == outcome["version"] else 0
                     time.sleep(0.1)
                 new_probs, _, new_version = _answers(client, held_texts, "student")
+            elif outcome.get("version"):  # registered, not promoted: measured offline, never served
+                new_probs, new_version = _candidate_probs(demo_home, outcome["version"], held_texts), outcome["version"]
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -214,7 +231,9 @@ def run_once(home: Path, seed: int, port: int, distill_config: Path | None, text
     low, high = agreement.difference_bounds()
     gate = outcome.get("gate", {})
     return {
-        "seed": seed, "outcome": outcome["status"], "old_version": old_version, "new_version": new_version,
+        "seed": seed,
+        "outcome": "promoted" if outcome["status"] == "promoted" else gate.get("outcome", outcome["status"]),
+        "old_version": old_version, "new_version": new_version,
         "held_out": len(held_texts),
         "disagreement_before": float((old_probs.argmax(-1) != teacher).mean()),
         "disagreement_after": float((new_probs.argmax(-1) != teacher).mean()),

@@ -67,7 +67,7 @@ class RedistillConfig(BaseModel):
                               "traffic is what the new student must learn, and it is far smaller than the base set.")
     base_replay: int | None = Field(3000, ge=0, description="Base training texts replayed beside the queued "
                                     "records (a fixed random subset); None: all of them.")
-    augment_copies: int = Field(2, ge=0, description="Teacher-labelled perturbed copies of each queued teacher "
+    augment_copies: int = Field(4, ge=0, description="Teacher-labelled perturbed copies of each queued teacher "
                                 "answer added to each epoch (words dropped or a span kept, as in the build).")
     label_weight: int = Field(1, ge=0, description="Each record with a true label (/v1/feedback) counts this many "
                               "times; 0: labels are not learnt from (they still judge the gate).")
