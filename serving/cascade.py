@@ -113,6 +113,7 @@ class CascadeRouter:
         self.breaker.configure(teacher.breaker_failures, teacher.breaker_cooldown_s)
         if self.shadow.share != config.shadow.share:
             self.shadow = ShadowSampler(config.shadow.share)
+            self._shadow_outcomes.clear()  # the take rate under another share says nothing about this one
         self._student_batcher.max_batch_size = config.student.max_batch_size
         self._student_batcher.wait_s = config.student.batch_wait_timeout_s
         self.config = config

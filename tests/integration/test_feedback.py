@@ -18,13 +18,15 @@ SNIPPETS = load_movie_snippets()
 TEXTS = SNIPPETS.texts[100:106]
 
 
-def queued(gateway: Gateway, reason: str, texts: list[str], timeout_s: float = 30.0) -> list[DisagreementRecord]:
-    """Records of ``reason`` for ``texts`` once the gateway's writer has flushed them."""
+def queued(gateway: Gateway, reason: str, texts: list[str], timeout_s: float = 30.0,
+           since: float = 0.0) -> list[DisagreementRecord]:
+    """Records of ``reason`` for ``texts`` written after ``since`` (earlier tests may have sent the same texts),
+    once the gateway's writer has flushed them."""
     deadline = time.monotonic() + timeout_s
     queue = SqliteQueue(gateway.home / "queue.db")
     try:
         while True:
-            found = [r for r in queue.export() if r.reason == reason and r.text in texts]
+            found = [r for r in queue.export() if r.reason == reason and r.text in texts and r.time >= since]
             if len(found) >= len(texts) or time.monotonic() > deadline:
                 return found
             time.sleep(0.5)
@@ -80,9 +82,10 @@ def test_shadow_answers_are_all_kept_with_their_sampling_probability(gateway: Ga
     # Every student-served text shadowed; fallback agreements would be dropped (keep: disagreements).
     apply_config(gateway, shadow={"share": 1.0}, queue={"keep": "disagreements"}, routing={"threshold": 0.0})
     texts = SNIPPETS.texts[200:212]
+    sent = time.time()
     with gateway.client() as client:
         client.post("/v1/classify", json={"texts": texts}).raise_for_status()
-    records = queued(gateway, "shadow", texts)
+    records = queued(gateway, "shadow", texts, since=sent)
     assert len(records) == len(texts), "every shadow answer is kept, agreements too"
     assert any(not r.disagree for r in records)
     assert all(r.sampling_probability == 1.0 and r.threshold == 0.0 and r.confidence is not None for r in records)
