@@ -6,6 +6,7 @@ test depend on the student's confidence, which a real tiny model does not let a 
 
 import asyncio
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,18 @@ class Student:
     def logits(self, texts: list[str]) -> np.ndarray:
         self.calls += 1
         return np.stack([SURE if t.startswith("sure") else UNSURE for t in texts]) * self.scale
+
+
+class BlockedStudent(Student):
+    """A student whose batch blocks in the worker thread until ``release`` is set (a queue builds behind it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def logits(self, texts: list[str]) -> np.ndarray:
+        self.release.wait(timeout=10)
+        return super().logits(texts)
 
 
 class Teacher:
@@ -219,17 +232,6 @@ def test_a_request_queued_past_its_deadline_is_shed_not_run() -> None:
 def test_a_request_that_could_not_start_before_its_deadline_is_refused_at_once() -> None:
     """With texts queued ahead that take longer than the queue deadline, a new request is refused on arrival
     (before queueing, so the refusal is fast) instead of waiting to be shed; once the queue drains it is served."""
-    import threading
-
-    class BlockedStudent(Student):
-        def __init__(self) -> None:
-            super().__init__()
-            self.release = threading.Event()
-
-        def logits(self, texts: list[str]) -> np.ndarray:
-            self.release.wait(timeout=10)
-            return super().logits(texts)
-
     cascade = router(Teacher(), limits={"queue_deadline_s": 0.5})
     student = BlockedStudent()
     cascade.snapshot = Snapshot(bundle("v1"), student, DeferralPolicy(threshold=0.9))

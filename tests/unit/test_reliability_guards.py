@@ -5,7 +5,6 @@ and the Teacher deployment's answers. No Ray cluster: the cascade with a fake te
 
 import asyncio
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from bundle.registry import STUDENT_FILES, BundleError, Registry
 from routing.policy import DeferralPolicy, DegradedReason, Route, TeacherGate
 from serving.cascade import Overloaded, Snapshot
 from serving.settings import LimitSettings
-from tests.unit.test_gateway_logic import Student, Teacher, bundle, router, run
+from tests.unit.test_gateway_logic import BlockedStudent, Student, Teacher, bundle, router, run
 
 
 # -- swap race: the one-text path (B1, B5) ------------------------------------------------------------------
@@ -85,16 +84,6 @@ def test_a_verified_file_is_not_hashed_again_while_its_size_and_mtime_hold(tmp_p
 
 
 # -- backlog refusal: own texts, the measurement, the student route (K2, K3, K4) -----------------------------
-class BlockedStudent(Student):
-    def __init__(self) -> None:
-        super().__init__()
-        self.release = threading.Event()
-
-    def logits(self, texts: list[str]) -> np.ndarray:
-        self.release.wait(timeout=10)
-        return super().logits(texts)
-
-
 @pytest.mark.parametrize("route", [Route.AUTO, Route.STUDENT])
 def test_the_requests_own_texts_count_towards_the_backlog(route: Route) -> None:
     """4 texts queued at 0.1 s each start within the 0.5 s deadline, but 2 more would not: refused at once."""
