@@ -249,6 +249,30 @@ def link_tree(source: Path, target: Path) -> None:
     shutil.copytree(source, target, copy_function=link)
 
 
+def home_with_current(home: Path, prefix: str) -> Path:
+    """A new model home in a temp dir holding ``home``'s current bundle (hard links: no copy of the weights),
+    for measurements that register throwaway versions without touching ``home``.
+
+    Its ``work/teacher_answers`` is a link to ``home``'s: teacher answers are cached by teacher and text
+    (distill.evaluate.teacher_cache_dir), so every throwaway home shares one cache and the teacher answers
+    each text once, not once per run. The caller removes the returned folder.
+    """
+    source = Registry(home)
+    version = source.current_version()
+    if version is None:
+        raise BundleError(f"no current bundle in {home}")
+    target = Path(tempfile.mkdtemp(prefix=prefix))
+    registry = target / "registry"
+    registry.mkdir()
+    link_tree(source.root / version, registry / version)
+    (registry / "current").write_text(version + "\n")
+    answers = home / "work" / "teacher_answers"
+    answers.mkdir(parents=True, exist_ok=True)
+    (target / "work").mkdir()
+    (target / "work" / "teacher_answers").symlink_to(answers.resolve(), target_is_directory=True)
+    return target
+
+
 def verify_files(root: Path, expected: dict[str, str]) -> None:
     """Raise on the first missing or altered file, naming it and both hashes."""
     for relative, digest in expected.items():

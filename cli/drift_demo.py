@@ -29,7 +29,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -57,25 +56,13 @@ def _cascade() -> str:
 
 
 def _private_home(home: Path) -> Path:
-    """A new model home holding the current bundle (hard links: no copy of the weights)."""
-    from bundle.registry import Registry, link_tree
+    """A new model home holding the current bundle and sharing your home's teacher-answer cache."""
+    from bundle.registry import BundleError, home_with_current
 
-    source = Registry(home)
-    version = source.current_version()
-    if version is None:
-        raise SystemExit(f"no current bundle in {home}: run `make models` first")
-    target = Path(tempfile.mkdtemp(prefix="cascade-drift-"))
-    registry = target / "registry"
-    registry.mkdir()
-    link_tree(source.root / version, registry / version)
-    (registry / "current").write_text(version + "\n")
-    # Teacher answers on the base splits are cached by teacher and text (distill.evaluate.teacher_cache_dir);
-    # every run shares your home's cache, so the teacher reads each base text once, not once per run.
-    answers = home / "work" / "teacher_answers"
-    answers.mkdir(parents=True, exist_ok=True)
-    (target / "work").mkdir()
-    (target / "work" / "teacher_answers").symlink_to(answers.resolve(), target_is_directory=True)
-    return target
+    try:
+        return home_with_current(home, prefix="cascade-drift-")
+    except BundleError as exc:
+        raise SystemExit(f"{exc}: run `make models` first") from exc
 
 
 def _candidate_probs(home: Path, version: str, texts: list[str]) -> np.ndarray:

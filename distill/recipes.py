@@ -14,40 +14,60 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 import typer
 
-from bundle.registry import Registry, link_tree
+from bundle.registry import Registry, home_with_current
 from bundle.runtime import StudentRuntime
 from bundle.teachers import open_teacher, teacher_logits_sync
 from distill.data import load_amazon_snippets
 from distill.evaluate import teacher_cache_dir
 from distill.redistill import RedistillConfig, redistill
-from records.queue import DisagreementRecord, SqliteQueue, feedback_records
+from records.queue import DisagreementRecord, SqliteQueue, feedback_records, teacher_answer_records
 from routing.calibration import choose_threshold, sweep
-from routing.confidence import ConfidenceMeasure, softmax
+from routing.confidence import ConfidenceMeasure, confidence, softmax
 
 HOLDOUT_SHARE = 0.3  # the drift demo's split: the same seed holds out the same texts
 
 
-def _throwaway_home(home: Path) -> Path:
-    source = Registry(home)
-    version = source.current_version()
-    if version is None:
-        raise SystemExit(f"no current bundle in {home}")
-    target = Path(tempfile.mkdtemp(prefix="cascade-recipe-"))
-    (target / "registry").mkdir()
-    link_tree(source.root / version, target / "registry" / version)
-    (target / "registry" / "current").write_text(version + "\n")
-    answers = home / "work" / "teacher_answers"
-    answers.mkdir(parents=True, exist_ok=True)
-    (target / "work").mkdir()
-    (target / "work" / "teacher_answers").symlink_to(answers.resolve(), target_is_directory=True)
-    return target
+def simulated_records(texts: list[str], labels: np.ndarray, student_probs: np.ndarray, teacher_probs: np.ndarray,
+                      stream: np.ndarray, threshold: float, shadow: float, feedback: int, seed: int,
+                      student_version: str, teacher_version: str,
+                      measure: ConfidenceMeasure = ConfidenceMeasure.MAX_PROB) -> list[DisagreementRecord]:
+    """The records a gateway would have written for ``stream`` (indices into ``texts``), made by the gateway's
+    own record rules (records.queue), so the bench learns from what the loop would really queue.
+
+    Every deferred text (confidence below ``threshold``) is a fallback record with sampling probability 1
+    (a gateway with ``queue.keep=all``); each other text is shadowed when its draw from
+    ``default_rng(seed + 100)`` is below ``shadow`` and recorded with sampling probability ``shadow``;
+    the first ``feedback`` streamed texts also come back with their true labels. Records are in stream
+    order, feedback last. There is one draw per streamed text, deferred or not, so a seed shadows the same
+    texts whatever the threshold.
+    """
+    confidences = confidence(student_probs[stream], measure)
+    deferred = confidences < threshold
+    draws = np.random.default_rng(seed + 100).random(len(stream))
+    shadowed = ~deferred & (draws < shadow)
+
+    def answered(mask: np.ndarray, reason: Literal["fallback", "shadow"],
+                 probability: float) -> dict[int, DisagreementRecord]:
+        """The teacher's answers for the streamed texts in ``mask``, by stream position."""
+        index = stream[mask]
+        records = teacher_answer_records([texts[i] for i in index], student_probs[index], teacher_probs[index],
+                                         student_version, teacher_version, reason, keep="all",
+                                         sampling_probability=probability, threshold=threshold,
+                                         confidences=confidences[mask], agreement_share=shadow)
+        return dict(zip(np.flatnonzero(mask).tolist(), records, strict=True))
+
+    by_position = answered(deferred, "fallback", 1.0) | answered(shadowed, "shadow", shadow)
+    labelled = stream[:feedback]
+    return [by_position[position] for position in sorted(by_position)] + feedback_records(
+        [texts[i] for i in labelled], [int(labels[i]) for i in labelled], student_probs[labelled],
+        teacher_probs[labelled], student_version, teacher_version, threshold,
+        confidence(student_probs[labelled], measure))
 
 
 def _share_for_97(probs: np.ndarray, teacher_probs: np.ndarray, measure: str) -> float:
@@ -69,23 +89,10 @@ def measure(home: Path, overrides: dict, seed: int, shadow: float, feedback: int
     order = np.random.default_rng(seed).permutation(len(amazon))
     cut = int(len(order) * HOLDOUT_SHARE)
     held, stream = order[:cut], order[cut:]
-    draws = np.random.default_rng(seed + 100).random(len(stream))
-    records = []
-    for i, draw in zip(stream, draws, strict=True):
-        confidence = float(student_probs[i].max())
-        deferred = confidence < m.threshold
-        if deferred or draw < shadow:
-            records.append(DisagreementRecord(
-                text=amazon.texts[i], student_probs=student_probs[i].tolist(), teacher_probs=teacher_probs[i].tolist(),
-                student_version=parent.version, teacher_version=parent.teacher_version,
-                reason="fallback" if deferred else "shadow", disagree=bool(student_probs[i].argmax()
-                                                                           != teacher_probs[i].argmax()),
-                sampling_probability=1.0 if deferred else shadow, threshold=m.threshold, confidence=confidence))
-    labelled = stream[:feedback]
-    records += feedback_records([amazon.texts[i] for i in labelled], [int(amazon.labels[i]) for i in labelled],
-                                student_probs[labelled], teacher_probs[labelled], parent.version,
-                                parent.teacher_version, m.threshold, student_probs[labelled].max(-1))
-    work = _throwaway_home(home)
+    records = simulated_records(amazon.texts, amazon.labels, student_probs, teacher_probs, stream, m.threshold, shadow,
+                                feedback, seed, parent.version, parent.teacher_version,
+                                ConfidenceMeasure(m.confidence_measure))
+    work = home_with_current(home, prefix="cascade-recipe-")
     try:
         queue = SqliteQueue(work / "queue.db")
         queue.append(records)

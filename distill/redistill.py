@@ -146,6 +146,33 @@ def target_logits(record: DisagreementRecord, n_labels: int, teacher_temperature
     return np.log(np.clip(record.teacher_probs, 1e-6, 1.0)) * teacher_temperature * sharpen
 
 
+def training_rows(items: list[Leased], n_labels: int, teacher_temperature: float, sharpen: float,
+                  label_smoothing: float, label_repeat: int = 1,
+                  teacher_repeat: int = 1) -> tuple[list[str], np.ndarray]:
+    """Texts and target logits (``target_logits``), each row repeated by its kind's weight. A text with a true
+    label is learnt from its label only: the label outranks the teacher's answer for the same text, so the
+    teacher records of a labelled text are dropped. Records with neither a label nor a teacher answer are skipped.
+    """
+    labelled = {item.record.text for item in items if item.record.label is not None}
+    texts, rows = [], []
+    for item in items:
+        record = item.record
+        if record.label is None and record.text in labelled:
+            continue
+        row = target_logits(record, n_labels, teacher_temperature, sharpen, label_smoothing)
+        if row is not None:
+            count = label_repeat if record.label is not None else teacher_repeat
+            texts += [record.text] * count
+            rows += [row] * count
+    return texts, np.array(rows, np.float32).reshape(len(rows), n_labels)
+
+
+def augmented_texts(answered: list[str], copies: int, rng: np.random.Generator) -> list[str]:
+    """``copies`` perturbed variants of each teacher-answered queued text (``train.perturb``: words dropped or
+    a span kept), for the teacher to label: the shifted domain is seen through a few thousand texts at most."""
+    return [text for _ in range(copies) for text in train.perturb(answered, rng)]
+
+
 def gate_target(record: DisagreementRecord) -> int:
     """The answer a held-out record is judged against: the true label if known, else the teacher's."""
     return record.label if record.label is not None else int(np.argmax(record.teacher_probs))
@@ -239,20 +266,8 @@ def redistill(home: Path, queue: QueueBackend, cfg: RedistillConfig) -> Redistil
     t_teacher = parent.manifest.temperatures.teacher
 
     def targets(items: list[Leased], label_repeat: int = 1, teacher_repeat: int = 1) -> tuple[list[str], np.ndarray]:
-        """Texts and target logits, each row repeated by its kind's weight. A text with a true label is
-        learnt from its label only: the label outranks the teacher's answer for the same text."""
-        labelled = {item.record.text for item in items if item.record.label is not None}
-        texts, rows = [], []
-        for item in items:
-            record = item.record
-            if record.label is None and record.text in labelled:
-                continue
-            row = target_logits(record, n_labels, t_teacher, cfg.queue_sharpen, cfg.label_smoothing)
-            if row is not None:
-                count = label_repeat if record.label is not None else teacher_repeat
-                texts += [record.text] * count
-                rows += [row] * count
-        return texts, np.array(rows, np.float32).reshape(len(rows), n_labels)
+        return training_rows(items, n_labels, t_teacher, cfg.queue_sharpen, cfg.label_smoothing, label_repeat,
+                             teacher_repeat)
 
     learn_texts, queued_logits = targets(learn, cfg.label_weight, cfg.queue_weight)
     select_texts, select_logits = targets(select)
@@ -294,7 +309,7 @@ def redistill(home: Path, queue: QueueBackend, cfg: RedistillConfig) -> Redistil
     answered = list(dict.fromkeys(item.record.text for item in learn if item.record.label is None))
 
     def augmented(_epoch: int, rng: np.random.Generator) -> tuple[list[str], np.ndarray]:
-        texts = [text for _ in range(cfg.augment_copies) for text in train.perturb(answered, rng)]
+        texts = augmented_texts(answered, cfg.augment_copies, rng)
         if not texts:
             return [], np.zeros((0, n_labels), np.float32)
         return texts, teacher_logits_sync(teacher, texts) * cfg.queue_sharpen
