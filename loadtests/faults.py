@@ -8,8 +8,12 @@ latency, and its end as the moment answers are healthy again.
 from __future__ import annotations
 
 import asyncio
+import csv
 import json
 import math
+import shutil
+import subprocess
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -32,11 +36,16 @@ class Outcome:
     json_body: bool = False
     results: list[dict] = field(default_factory=list)
     index: int = -1  # the i given to ``body(i)``
+    # False when the generator kept only status and timing (hey): its refusals are counted by status, and the
+    # refusal format is checked on httpx probes sent during the same load (``HeyRun.probes``).
+    body_seen: bool = True
 
     @property
     def refused(self) -> bool:
-        """An overload refusal as the API promises it: 503 or 429, a JSON body and Retry-After."""
-        return self.status in (429, 503) and self.json_body and self.retry_after is not None
+        """An overload refusal as the API promises it: 503 or 429, a JSON body and Retry-After (when seen)."""
+        if self.status not in (429, 503):
+            return False
+        return not self.body_seen or (self.json_body and self.retry_after is not None)
 
     @property
     def failed(self) -> bool:
@@ -107,17 +116,132 @@ class OpenLoop:
         except httpx.HTTPError as exc:
             self.outcomes.append(Outcome(sent, self.now() - sent, None, error=type(exc).__name__, index=i))
             return
-        latency = self.now() - sent
+        self.outcomes.append(_outcome(response, sent, self.now() - sent, i))
+
+
+def _outcome(response: httpx.Response, sent_s: float, latency_s: float, index: int) -> Outcome:
+    """One answered request, classified from its status, headers and body."""
+    try:
+        payload = response.json()
+        is_json = True
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        payload, is_json = None, False
+    results = payload.get("results", []) if response.status_code == 200 and isinstance(payload, dict) else []
+    return Outcome(sent_s, latency_s, response.status_code,
+                   error=None if response.status_code == 200 else response.text[:200],
+                   retry_after=response.headers.get("retry-after"), json_body=is_json, results=results, index=index)
+
+
+HEY_MAX_WORKERS = 400  # hey workers (one connection each) across all processes: a few hundred stays light
+
+
+@dataclass
+class HeyRun:
+    """What ``hey_load`` sent and saw: every request's outcome, the httpx probes, and how the load was shaped."""
+
+    outcomes: list[Outcome]
+    probes: list[Outcome]
+    workers: int
+    qps_per_worker: int
+    processes: int
+
+    @property
+    def offered_rate(self) -> int:
+        """Requests per second asked of hey (workers x per-worker rate), whatever the answers' pace."""
+        return self.workers * self.qps_per_worker
+
+
+def hey_load(url: str, rate: float, seconds: float, body: dict, headers: dict[str, str] | None = None,
+             timeout_s: float = 10.0, processes: int = 4, probes: int = 0) -> HeyRun:
+    """``rate`` POSTs per second of ``body`` to ``url`` for ``seconds`` from `hey`, a compiled load generator in
+    its own processes, so the load's clock does not share a Python interpreter (or its GIL) with the test.
+
+    Shape: hey's ``-c W -q Q`` runs W workers, each sending one request per 1/Q s and waiting for its answer,
+    so W*Q is the most it sends; a worker whose answer takes longer than 1/Q s skips ticks. Q is therefore kept
+    low (1 req/s per worker while ``rate`` <= ``HEY_MAX_WORKERS``) and W high (``rate / Q``, at most
+    ``HEY_MAX_WORKERS``), so fast refusals and answers under 1/Q s keep the offered rate; the rate achieved is
+    the number sent over the span of their send times. A hey process's workers tick in phase (a burst of W
+    every 1/Q s), so the workers are split over ``processes`` hey processes started 1/(Q*processes) s apart.
+
+    hey's CSV (one row per answered request: response-time, ..., status-code, offset) has no headers or bodies,
+    so these outcomes have ``body_seen=False``; ``probes`` httpx requests spread over the run (``HeyRun.probes``)
+    show what a refusal carries. With ``-n`` each process sends a known count; hey leaves requests without an
+    answer (connection error, timeout) out of its CSV, so each missing one is an outcome with status None, sent
+    at its process's start, latency NaN (hey records neither). ``sent_s`` is the process's launch (in the clock
+    of ``time.monotonic`` from the call) plus hey's offset: off by hey's start-up, a few milliseconds.
+    """
+    hey = shutil.which("hey")
+    if hey is None:
+        raise FileNotFoundError("hey (the compiled load generator) is not installed: `make system-deps` installs "
+                                "it (Debian package hey)")
+    qps = max(1, math.ceil(rate / HEY_MAX_WORKERS))
+    workers = max(processes, min(HEY_MAX_WORKERS, round(rate / qps)))
+    per_worker = max(1, round(qps * seconds))
+    shares = [workers // processes + (1 if k < workers % processes else 0) for k in range(processes)]
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="hey-body-") as body_file:
+        json.dump(body, body_file)
+        body_file.flush()
+        flags = ["-m", "POST", "-T", "application/json", "-D", body_file.name, "-t", str(max(1, math.ceil(timeout_s))),
+                 "-q", str(qps), "-o", "csv"]
+        for name, value in (headers or {}).items():
+            flags += ["-H", f"{name}: {value}"]
+        started = time.monotonic()
+        launched: list[tuple[subprocess.Popen[str], float, int]] = []
         try:
-            payload = response.json()
-            is_json = True
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            payload, is_json = None, False
-        results = payload.get("results", []) if response.status_code == 200 and isinstance(payload, dict) else []
-        self.outcomes.append(Outcome(sent, latency, response.status_code,
-                                     error=None if response.status_code == 200 else response.text[:200],
-                                     retry_after=response.headers.get("retry-after"), json_body=is_json,
-                                     results=results, index=i))
+            for k, share in enumerate(shares):
+                time.sleep(max(0.0, k / (qps * processes) - (time.monotonic() - started)))
+                proc = subprocess.Popen([hey, "-n", str(share * per_worker), "-c", str(share), *flags, url],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                launched.append((proc, time.monotonic() - started, share * per_worker))
+            probed = _probe(url, body, headers or {}, probes, seconds, timeout_s, started)
+            outcomes: list[Outcome] = []
+            for proc, launched_at, expected in launched:
+                out, err = proc.communicate(timeout=seconds + timeout_s + 60)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"hey exited {proc.returncode}: {err.strip()[:500]}")
+                outcomes += _hey_outcomes(out, launched_at, expected)
+        finally:
+            for proc, _, _ in launched:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    return HeyRun(sorted(outcomes, key=lambda o: o.sent_s), probed, workers, qps, processes)
+
+
+def _hey_outcomes(csv_text: str, launched_at: float, expected: int) -> list[Outcome]:
+    """Outcomes from one hey process's CSV, plus one unanswered outcome per request missing from it."""
+    rows = list(csv.DictReader(csv_text.splitlines()))
+    needed = {"response-time", "status-code", "offset"}
+    if rows and not needed <= set(rows[0]):
+        raise RuntimeError(f"hey's CSV lacks {sorted(needed - set(rows[0]))}: a hey with per-request status and "
+                           "offset (Debian's 0.1.4 or later) is needed")
+    outcomes = [Outcome(launched_at + float(row["offset"]), float(row["response-time"]), int(row["status-code"]),
+                        error=None if row["status-code"] == "200" else f"HTTP {row['status-code']}", body_seen=False)
+                for row in rows]
+    unanswered = "no answer (connection error or timeout; hey records neither its time nor its cause)"
+    return outcomes + [Outcome(launched_at, math.nan, None, error=unanswered, body_seen=False)
+                       for _ in range(expected - len(rows))]
+
+
+def _probe(url: str, body: dict, headers: dict[str, str], count: int, seconds: float, timeout_s: float,
+           started: float) -> list[Outcome]:
+    """``count`` requests spread evenly over the run (from its second second), each recorded whole (status,
+    headers, body), so the format of what the load gets back is checked where hey cannot see it."""
+    outcomes: list[Outcome] = []
+    if count <= 0:
+        return outcomes
+    with httpx.Client(headers=headers, timeout=timeout_s) as client:
+        for k in range(count):
+            time.sleep(max(0.0, 1.0 + k * (seconds - 1.0) / count - (time.monotonic() - started)))
+            sent = time.monotonic() - started
+            try:
+                response = client.post(url, json=body)
+            except httpx.HTTPError as exc:
+                outcomes.append(Outcome(sent, time.monotonic() - started - sent, None, error=type(exc).__name__,
+                                        index=k))
+                continue
+            outcomes.append(_outcome(response, sent, time.monotonic() - started - sent, k))
+    return outcomes
 
 
 def percentile_ms(latencies_s: Sequence[float], q: float) -> float | None:
