@@ -178,3 +178,112 @@ def test_the_teacher_answers_one_array_and_hashes_only_the_teachers_files(tiny_h
     answer = asyncio.run(teacher.classify(["great film", "awful film"]))
     assert isinstance(answer["logits"], np.ndarray)
     assert answer["logits"].shape == (2, len(served.manifest.labels))
+
+
+# -- the Gateway class itself, no Ray: admission headroom and the files it hashes (C1, E1) --------------------
+def gateway_on(home: Path, **user_config: dict):
+    """The Gateway deployment's own class (``serve.ingress`` wraps it in an ASGI replica class whose constructor
+    needs a running Serve), built as a replica builds it; no teacher handle, since nothing here asks the teacher."""
+    from serving.gateway import Gateway
+
+    plain = Gateway.__bases__[0]
+    assert plain.__name__ == "Gateway" and plain.__module__ == "serving.gateway"
+    config = {"model": {"home": str(home), "poll_interval_s": 3600.0}} | user_config
+    return plain(None, config)
+
+
+def run_in_replica_context(monkeypatch: pytest.MonkeyPatch, max_ongoing_requests: int) -> None:
+    """From now on, a Serve replica context whose deployment runs with ``max_ongoing_requests`` (Serve updates
+    it live). Only after the gateway is built: Serve's metrics read the rest of a real context."""
+    from types import SimpleNamespace
+
+    import ray.serve.context
+
+    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=max_ongoing_requests))
+    monkeypatch.setattr(ray.serve.context, "_get_internal_replica_context", lambda: context)
+
+
+@pytest.mark.parametrize(("headroom", "limit"), [(1, 31), (31, 1), (32, None), (33, None), (500, None)])
+def test_the_admission_limit_needs_headroom_below_max_ongoing_requests(headroom: int, limit: int | None) -> None:
+    limits = LimitSettings(admission_headroom=headroom)
+    if limit is None:
+        with pytest.raises(ValueError, match=rf"admission_headroom \({headroom}\) must be below .* \(32\)"):
+            limits.admission_limit(32)
+    else:
+        assert limits.admission_limit(32) == limit
+
+
+def test_reconfigure_refuses_a_headroom_at_or_above_the_live_max_ongoing_requests(
+        tiny_home_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gateway = gateway_on(tiny_home_copy)
+    run_in_replica_context(monkeypatch, 32)
+    try:
+        assert gateway._max_ongoing_requests() == 32
+        config, snapshot, writer = gateway.config, gateway.router.snapshot, gateway.router.writer
+        for headroom in (32, 64):
+            changed = {"model": {"home": str(tiny_home_copy)}, "limits": {"admission_headroom": headroom},
+                       "queue": {"url": f"sqlite:///{tmp_path / 'other.db'}"}}
+            with pytest.raises(ValueError, match="admission_headroom"):
+                gateway.reconfigure(changed)
+            # refused before anything changed: same config, same snapshot, same queue writer
+            assert gateway.config is config and gateway.router.snapshot is snapshot
+            assert gateway.router.writer is writer
+        gateway.reconfigure({"model": {"home": str(tiny_home_copy)}, "limits": {"admission_headroom": 31}})
+        assert gateway.config.limits.admission_headroom == 31
+        assert gateway.config.limits.admission_limit(gateway._max_ongoing_requests()) == 1
+    finally:
+        gateway.router.writer.close()
+
+
+def test_a_gateway_is_not_built_with_a_headroom_rays_limit_leaves_no_room_for(tiny_home_copy: Path) -> None:
+    from serving.app import DEPLOYMENT_OPTIONS
+
+    ongoing = DEPLOYMENT_OPTIONS["Gateway"]["max_ongoing_requests"]  # outside a replica: the deployment's option
+    with pytest.raises(ValueError, match=rf"admission_headroom \({ongoing}\) must be below"):
+        gateway_on(tiny_home_copy, limits={"admission_headroom": ongoing})
+
+
+def test_the_gateway_hashes_only_the_students_files_on_start_and_on_a_swap(tiny_home_copy: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mirror of the Teacher's guard: teacher weights the gateway never loads are never hashed, also when it swaps
+    to a newly promoted version (the follow thread's path)."""
+    import shutil
+    import time
+
+    registry = Registry(tiny_home_copy)
+    first = registry.load(verify=False)
+    staging = tmp_path / "staging"
+    shutil.copytree(first.path, staging, ignore=shutil.ignore_patterns("manifest.json"))
+    second = registry.publish(staging, first.manifest.model_dump(exclude={"version", "created", "files"}),
+                              version="v2-same-weights")
+    for version in (first, second):  # altered after publishing: a full verify would refuse both versions
+        (version.teacher_dir / "model.safetensors").write_bytes(b"not the teacher")
+
+    asked: list[tuple[str | None, object]] = []
+    hashed: list[tuple[str, str]] = []
+    load, verify_files = Registry.load, registry_module.verify_files
+
+    def spy_load(self: Registry, version: str | None = None, verify: object = True):
+        asked.append((version, verify))
+        return load(self, version, verify)
+
+    def spy_verify_files(root: Path, expected: dict[str, str]) -> None:
+        hashed.extend((root.name, relative) for relative in expected)
+        verify_files(root, expected)
+
+    monkeypatch.setattr(Registry, "load", spy_load)
+    monkeypatch.setattr(registry_module, "verify_files", spy_verify_files)
+    gateway = gateway_on(tiny_home_copy, model={"home": str(tiny_home_copy), "poll_interval_s": 0.05})
+    try:
+        assert gateway.bundle.version == first.version
+        registry.current_file.write_text(second.version + "\n")  # `promote` would verify every file, and refuse
+        deadline = time.monotonic() + 30
+        while gateway.bundle.version != second.version and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gateway.bundle.version == second.version, "the gateway did not swap to the promoted version"
+    finally:
+        gateway.reconfigure({"model": {"home": str(tiny_home_copy), "poll_interval_s": 3600.0}})
+        gateway.router.writer.close()
+    assert asked and {verify for _, verify in asked} == {STUDENT_FILES}, asked
+    assert {version for version, _ in hashed} == {first.version, second.version}
+    assert all(relative == "student.onnx" or relative.startswith("tokenizer/") for _, relative in hashed), hashed
