@@ -152,7 +152,7 @@ class HeyRun:
 
 
 def hey_load(url: str, rate: float, seconds: float, body: dict, headers: dict[str, str] | None = None,
-             timeout_s: float = 10.0, processes: int = 4, probes: int = 0) -> HeyRun:
+             timeout_s: float = 10.0, processes: int = 8, probes: int = 0) -> HeyRun:
     """``rate`` POSTs per second of ``body`` to ``url`` for ``seconds`` from `hey`, a compiled load generator in
     its own processes, so the load's clock does not share a Python interpreter (or its GIL) with the test.
 
@@ -161,7 +161,8 @@ def hey_load(url: str, rate: float, seconds: float, body: dict, headers: dict[st
     low (1 req/s per worker while ``rate`` <= ``HEY_MAX_WORKERS``) and W high (``rate / Q``, at most
     ``HEY_MAX_WORKERS``), so fast refusals and answers under 1/Q s keep the offered rate; the rate achieved is
     the number sent over the span of their send times. A hey process's workers tick in phase (a burst of W
-    every 1/Q s), so the workers are split over ``processes`` hey processes started 1/(Q*processes) s apart.
+    every 1/Q s), so the workers are split over ``processes`` hey processes started 1/(Q*processes) s apart:
+    bursts of W/processes, closer to a steady rate (each burst arrives at a replica within a millisecond).
 
     hey's CSV (one row per answered request: response-time, ..., status-code, offset) has no headers or bodies,
     so these outcomes have ``body_seen=False``; ``probes`` httpx requests spread over the run (``HeyRun.probes``)
