@@ -442,9 +442,19 @@ def serve(
         # The dashboard (127.0.0.1 only) carries Serve's REST API: `serve status`, `serve deploy`.
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  _metrics_export_port=metrics_port)
-    # SIGTERM (docker stop, kill, a test's teardown) and Ctrl-C stop Serve, the local Ray and HAProxy, also while
-    # the models are still loading, and exit 0. Set after ray.init, which installs its own (exit status 15).
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # SIGTERM (docker stop, kill, a test's teardown) and SIGINT (Ctrl-C) stop the same way: Serve, the local Ray and
+    # HAProxy, also while the models are still loading, and exit 0. Set after ray.init, which installs its own
+    # (exit status 15).
+    signalled: list[int] = []
+
+    def stop(signum: int, _frame: object) -> None:
+        if signalled:  # a second Ctrl-C while stopping: let the stop finish, or HAProxy could be left listening
+            return
+        signalled.append(signum)
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     node_id = ray.get_runtime_context().get_node_id()
     try:
         # proxy_location is the config's, as with `serve run`: without it Serve starts a proxy on every node.
@@ -454,12 +464,14 @@ def serve(
         client.deploy_apps(schema, _blocking=False)
         _wait_until_running(timeout_s=900)
         _announce_and_block(bundle.version, port, fast, metrics_port)
-    except KeyboardInterrupt:
-        pass
     finally:
         from ray import serve as ray_serve
 
-        if address or _local_ray_alive():
+        # Stopped by a signal, the Ray this command started goes with everything on it (ray.shutdown stops its
+        # raylet, whose workers follow; then the orphaned HAProxy): Serve's graceful shutdown first would wait
+        # out its 30 s drain of the Gateway replicas. A SIGTERM to the process group kills GCS and raylet before
+        # that could start; a SIGINT does not, so without this Ctrl-C took over 30 s.
+        if address or (not signalled and _local_ray_alive()):
             ray_serve.shutdown()  # the controller stops the replicas and the proxies (HAProxy among them)
         ray.shutdown()
         if not address:
