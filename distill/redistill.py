@@ -89,6 +89,9 @@ class RedistillConfig(BaseModel):
     min_new_evidence: float = Field(0.25, ge=0, description="A new look needs the held-out slice this much larger "
                                     "than at the last look against the same current student.")
     lease_s: float = Field(2 * 3600, gt=0, description="How long the run holds its records.")
+    threads: int | None = Field(None, ge=1, description="CPU threads for training and inference; None: the "
+                                "build's. A job that shares its cores (a CronJob beside the gateway) runs faster "
+                                "with fewer: PyTorch's threads spin against each other when a core is taken.")
     promote: bool = True
     register_whatever_the_gate_says: bool = Field(False, description="Register the candidate even when the gate "
                                                   "does not promote it (it is never promoted then): for measuring "
@@ -247,7 +250,8 @@ def redistill(home: Path, queue: QueueBackend, cfg: RedistillConfig) -> Redistil
     started = time.time()
     import torch
 
-    torch.set_num_threads(build_cfg.threads)
+    threads = cfg.threads or build_cfg.threads
+    torch.set_num_threads(threads)
     holdout, select, learn = split_records(leased, parent.teacher_version, cfg.holdout_share, cfg.select_share)
     prior = _read_gate_state(home, parent.version)
     if len(holdout) < cfg.min_holdout_records:
@@ -260,7 +264,7 @@ def redistill(home: Path, queue: QueueBackend, cfg: RedistillConfig) -> Redistil
                      f"(now {len(holdout)})")
     splits = splits_for(build_cfg)
     teacher = open_teacher(parent.manifest.teacher, parent.path, parent.manifest.labels,
-                           max_length=build_cfg.max_length, threads=build_cfg.threads)
+                           max_length=build_cfg.max_length, threads=threads)
     base_logits = _teacher_logits(parent, teacher, splits)
     n_labels, max_length = len(parent.manifest.labels), build_cfg.max_length
     t_teacher = parent.manifest.temperatures.teacher
@@ -286,7 +290,7 @@ def redistill(home: Path, queue: QueueBackend, cfg: RedistillConfig) -> Redistil
                f"({labelled} with true labels; {len(select_texts)} choose the epoch, {len(holdout)} held out for "
                "the gate)")
 
-    current = StudentRuntime(parent.student_path, parent.tokenizer_dir, max_length, build_cfg.threads)
+    current = StudentRuntime(parent.student_path, parent.tokenizer_dir, max_length, threads)
     val_teacher_labels = base_logits["val"].argmax(-1)
     base_val_floor = float((_logits(current, splits.val.texts, n_labels).argmax(-1) == val_teacher_labels).mean()
                            ) - cfg.base_val_drop
@@ -333,7 +337,7 @@ def redistill(home: Path, queue: QueueBackend, cfg: RedistillConfig) -> Redistil
         student.save_pretrained(str(staging / STUDENT_FP32_DIR), safe_serialization=True)
         quantization = build_student_onnx(student, tokenizer, splits.val.texts[:256], build_cfg.max_length,
                                           staging / STUDENT_FILE)
-        candidate = StudentRuntime(staging / STUDENT_FILE, parent.tokenizer_dir, max_length, build_cfg.threads)
+        candidate = StudentRuntime(staging / STUDENT_FILE, parent.tokenizer_dir, max_length, threads)
         holdout_texts = [item.record.text for item in holdout]
         # A held-out text that also came back with its true label (/v1/feedback) is judged against the label.
         true_labels = {item.record.text: item.record.label for item in leased if item.record.label is not None}
@@ -391,7 +395,7 @@ def redistill(home: Path, queue: QueueBackend, cfg: RedistillConfig) -> Redistil
         shutil.rmtree(staging, ignore_errors=True)
         raise
     evaluation = evaluate_bundle(bundle, splits, bootstrap_samples=build_cfg.evaluation.bootstrap_samples,
-                                 latency_runs=build_cfg.evaluation.latency_runs, threads=build_cfg.threads,
+                                 latency_runs=build_cfg.evaluation.latency_runs, threads=threads,
                                  teacher_logits_test=base_logits["test"])
     write_report(bundle.path, {"evaluation": evaluation, "calibration": calibration,
                                "build_seconds": time.time() - started})

@@ -40,11 +40,17 @@ class OpportunisticBatcher(Generic[Item, Result]):
         return len(self._waiting)
 
     async def __call__(self, item: Item) -> Result:
+        return await self.submit(item)
+
+    def submit(self, item: Item) -> asyncio.Future[Result]:
+        """Queue ``item`` now, before the caller awaits anything: a request that checked the backlog
+        (``waiting``) and was admitted is counted in it at once, so a burst that arrives in one turn of
+        the event loop cannot all pass the check against the same backlog."""
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._waiting.append((item, future))
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._drain())
-        return await future
+        return future
 
     def _next_batch(self) -> list[tuple[Item, asyncio.Future[Result]]]:
         batch: list[tuple[Item, asyncio.Future[Result]]] = []

@@ -156,7 +156,8 @@ class CascadeRouter:
             logits = snapshot.student.logits(texts)
             self.metrics.student.call(1, self.clock() - started)
             return logits
-        rows = await asyncio.gather(*(self._student_batcher((snapshot.student, t, deadline)) for t in texts))
+        # Queued synchronously (submit), right after the backlog check: the next request sees these texts.
+        rows = await asyncio.gather(*[self._student_batcher.submit((snapshot.student, t, deadline)) for t in texts])
         if any(row is None for row in rows):
             raise Overloaded(f"queued longer than {self.config.limits.queue_deadline_s} s before the student ran")
         return np.stack(rows)

@@ -260,6 +260,35 @@ def test_a_request_that_could_not_start_before_its_deadline_is_refused_at_once()
     assert [r["served_by"] for r in served] == ["student", "student"]
 
 
+def test_a_burst_arriving_together_is_checked_against_the_backlog_it_builds() -> None:
+    """Requests that arrive in one turn of the event loop are each counted in the backlog as they are
+    admitted, so the ones past the deadline are refused at once instead of all being let in against the same
+    (empty) backlog and shed together at the deadline, slowly."""
+    cascade = router(Teacher(), limits={"queue_deadline_s": 0.5})
+    student = BlockedStudent()
+    cascade.snapshot = Snapshot(bundle("v1"), student, DeferralPolicy(threshold=0.9))
+
+    async def scenario() -> tuple[list[object], int]:
+        cascade.in_flight = 2  # busy: texts go through the batch queue
+        running = asyncio.create_task(cascade._student_answer(cascade.snapshot, ["sure a"], cascade.clock() + 10))
+        await asyncio.sleep(0.05)  # that batch is now blocked in the worker thread; nothing waits
+        cascade.seconds_per_text = 0.1  # 2 texts each: the 3rd request would start 0.6 s from now
+        burst = [asyncio.create_task(cascade.classify_texts([f"sure {k}", f"sure {k}!"], Route.AUTO))
+                 for k in range(5)]
+        await asyncio.sleep(0.05)
+        waiting = cascade._student_batcher.waiting
+        student.release.set()
+        outcomes = await asyncio.gather(*burst, return_exceptions=True)
+        await running
+        return outcomes, waiting
+
+    outcomes, waiting = run(scenario())
+    refused = [o for o in outcomes if isinstance(o, Overloaded)]
+    assert waiting == 4, "only the requests that can start before their deadline join the queue"
+    assert len(refused) == 3 and all("texts queued for the student" in str(o) for o in refused)
+    assert sum(isinstance(o, list) for o in outcomes) == 2
+
+
 def test_admission_limit_is_derived_below_rays_and_validated() -> None:
     from serving.app import DEPLOYMENT_OPTIONS
 
