@@ -119,6 +119,7 @@ def measure(home: Path, overrides: dict, seed: int, shadow: float, feedback: int
         "accuracy_before": float((old == labels).mean()), "accuracy_after": float((new_answer == labels).mean()),
         "teacher_accuracy": float((teacher_answer == labels).mean()),
         "base_test_before": gate["current_test_accuracy"], "base_test_after": gate["new_test_accuracy"],
+        "checkpoints": gate["checkpoints"], "base_val_floor": gate["base_val_floor"],
     }
 
 
