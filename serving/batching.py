@@ -33,6 +33,12 @@ class OpportunisticBatcher(Generic[Item, Result]):
         self.wait_s = wait_s
         self._waiting: deque[tuple[Item, asyncio.Future[Result]]] = deque()
         self._worker: asyncio.Task[None] | None = None
+        self.running = 0  # items in the batch being run
+        # Wall seconds the queue takes per item while it has work (moving average): from the end of one
+        # batch to the end of the next, so the event loop's turns between batches are counted too. The
+        # model's own time per item is less under load, and admission sized from it lets in more than
+        # the queue can start before a deadline.
+        self.seconds_per_item: float | None = None
 
     @property
     def waiting(self) -> int:
@@ -60,14 +66,23 @@ class OpportunisticBatcher(Generic[Item, Result]):
                 batch.append((item, future))
         return batch
 
+    @property
+    def backlog(self) -> int:
+        """Items that must run before an item queued now starts: the running batch and the queue."""
+        return self.running + len(self._waiting)
+
     async def _drain(self) -> None:
         """Runs batches until nothing waits; started by the first caller after an idle spell."""
+        loop = asyncio.get_running_loop()
+        previous_end: float | None = None
         while self._waiting:
             if self.wait_s > 0 and len(self._waiting) < self.max_batch_size:
                 await asyncio.sleep(self.wait_s)
             batch = self._next_batch()
             if not batch:
                 continue
+            started = loop.time() if previous_end is None else previous_end
+            self.running = len(batch)
             try:
                 results = await self.run_batch([item for item, _ in batch])
                 if len(results) != len(batch):
@@ -77,6 +92,12 @@ class OpportunisticBatcher(Generic[Item, Result]):
                     if not future.done():
                         future.set_exception(exc)
                 continue
+            finally:
+                self.running = 0
+            previous_end = loop.time()
+            per_item = (previous_end - started) / len(batch)
+            self.seconds_per_item = per_item if self.seconds_per_item is None else (
+                0.8 * self.seconds_per_item + 0.2 * per_item)
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)

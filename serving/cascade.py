@@ -93,9 +93,6 @@ class CascadeRouter:
         # (no spare capacity) thins the sample, so a record's probability is the share times this rate.
         self._shadow_outcomes: deque[tuple[int, int]] = deque(maxlen=1000)
         self._background: set[asyncio.Task] = set()
-        # Seconds of student work per queued text (moving average over batches): admission refuses at once
-        # a request whose texts could not start before the queue deadline, instead of queueing it to shed.
-        self.seconds_per_text: float | None = None
         # One worker thread: ONNX Runtime work leaves the event loop, which keeps accepting
         # requests (and filling the next batch) while a batch runs.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="student")
@@ -135,9 +132,6 @@ class CascadeRouter:
             logits = await loop.run_in_executor(self._executor, student.logits, [items[i][1] for i in indices])
             elapsed = self.clock() - started
             self.metrics.student.call(len(indices), elapsed)
-            per_text = elapsed / len(indices)
-            self.seconds_per_text = per_text if self.seconds_per_text is None else (
-                0.8 * self.seconds_per_text + 0.2 * per_text)
             for row, index in zip(logits, indices, strict=True):
                 out[index] = row
         return out
@@ -163,15 +157,16 @@ class CascadeRouter:
         return np.stack(rows)
 
     def _refuse_if_backlogged(self, texts: int, deadline: float) -> None:
-        """Refuse now (fast 503) when the texts already queued for the student take longer to run than
-        this request may wait: queueing it would only shed it at its deadline, slowly, and slow the rest."""
-        if self.seconds_per_text is None or self._student_batcher.waiting == 0:
+        """Refuse now (fast 503) when the texts ahead of this request (the running batch and the queue, at
+        the queue's measured drain rate) take longer than it may wait: queueing it would only shed it at its
+        deadline, slowly, and slow the rest."""
+        batcher = self._student_batcher
+        per_text, ahead = batcher.seconds_per_item, batcher.backlog
+        if per_text is None or ahead == 0:
             return
-        expected_start = self.clock() + (self._student_batcher.waiting + texts) * self.seconds_per_text
-        if expected_start > deadline:
-            raise Overloaded(f"{self._student_batcher.waiting} texts queued for the student, about "
-                             f"{self._student_batcher.waiting * self.seconds_per_text:.2f} s of work: more than "
-                             f"the {self.config.limits.queue_deadline_s} s queue deadline")
+        if self.clock() + (ahead + texts) * per_text > deadline:
+            raise Overloaded(f"{ahead} texts queued for the student, about {ahead * per_text:.2f} s of work: "
+                             f"more than the {self.config.limits.queue_deadline_s} s queue deadline")
 
     # -- the teacher ----------------------------------------------------------------------------
     async def _ask_teacher(self, texts: list[str], enforce_budget: bool, shadow: bool = False

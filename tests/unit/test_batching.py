@@ -95,3 +95,31 @@ def test_a_wait_lets_a_lone_item_collect_company() -> None:
         return model
 
     assert asyncio.run(scenario()).batches == [[1, 2]]
+
+
+def test_the_backlog_counts_the_running_batch_and_the_drain_rate_includes_the_gaps_between_batches() -> None:
+    """Admission sizes a request's wait from ``backlog * seconds_per_item``: the running batch is ahead of a new
+    item too, and the rate is the queue's wall time per item (the event loop's turns between back-to-back batches
+    included), not the model's time alone."""
+
+    class SlowLoop(Model):
+        async def __call__(self, items: list[int]) -> list[int]:
+            out = await super().__call__(items)
+            # After the model answers, the loop is busy elsewhere before the next batch can start.
+            asyncio.get_running_loop().call_soon(lambda: __import__("time").sleep(0.08))
+            return out
+
+    async def scenario() -> tuple[int, int, float | None]:
+        batcher = OpportunisticBatcher(SlowLoop(seconds=0.02), max_batch_size=2)
+        first = [batcher.submit(n) for n in (1, 2)]
+        await asyncio.sleep(0.005)  # batch [1, 2] is running
+        rest = [batcher.submit(n) for n in (3, 4, 5, 6)]
+        backlog_while_running = batcher.backlog
+        waiting = batcher.waiting
+        await asyncio.gather(*first, *rest)
+        return backlog_while_running, waiting, batcher.seconds_per_item
+
+    backlog, waiting, per_item = asyncio.run(scenario())
+    assert (backlog, waiting) == (6, 4)
+    # 0.02 s of model time per 2-item batch is 0.01 s per item; the 0.08 s gaps count as well.
+    assert per_item is not None and per_item > 0.015

@@ -243,7 +243,7 @@ def test_a_request_that_could_not_start_before_its_deadline_is_refused_at_once()
         queued = asyncio.create_task(cascade._student_answer(cascade.snapshot, ["sure"] * 8, cascade.clock() + 10))
         await asyncio.sleep(0.05)
         assert cascade._student_batcher.waiting == 8
-        cascade.seconds_per_text = 0.1  # as measured: 8 queued texts are 0.8 s of work, past the 0.5 s deadline
+        cascade._student_batcher.seconds_per_item = 0.1  # as measured: 1 running + 8 queued texts: 0.9 s > 0.5 s
         try:
             await cascade.classify_texts(["sure c", "sure d"], Route.AUTO)
             refusal = ""
@@ -255,7 +255,7 @@ def test_a_request_that_could_not_start_before_its_deadline_is_refused_at_once()
         return refusal, waiting_after_refusal, await cascade.classify_texts(["sure c", "sure d"], Route.AUTO)
 
     refusal, waiting, served = run(scenario())
-    assert "8 texts queued for the student" in refusal
+    assert "9 texts queued for the student" in refusal  # the running batch counts too
     assert waiting == 8  # the refused texts never joined the queue
     assert [r["served_by"] for r in served] == ["student", "student"]
 
@@ -272,7 +272,7 @@ def test_a_burst_arriving_together_is_checked_against_the_backlog_it_builds() ->
         cascade.in_flight = 2  # busy: texts go through the batch queue
         running = asyncio.create_task(cascade._student_answer(cascade.snapshot, ["sure a"], cascade.clock() + 10))
         await asyncio.sleep(0.05)  # that batch is now blocked in the worker thread; nothing waits
-        cascade.seconds_per_text = 0.1  # 2 texts each: the 3rd request would start 0.6 s from now
+        cascade._student_batcher.seconds_per_item = 0.08  # 1 running, 2 texts each: the 3rd would wait 0.56 s
         burst = [asyncio.create_task(cascade.classify_texts([f"sure {k}", f"sure {k}!"], Route.AUTO))
                  for k in range(5)]
         await asyncio.sleep(0.05)

@@ -97,7 +97,7 @@ def test_the_requests_own_texts_count_towards_the_backlog(route: Route) -> None:
         await asyncio.sleep(0.05)
         queued = asyncio.create_task(cascade._student_answer(cascade.snapshot, ["sure"] * 4, cascade.clock() + 10))
         await asyncio.sleep(0.05)
-        cascade.seconds_per_text = 0.1
+        cascade._student_batcher.seconds_per_item = 0.1
         try:
             await cascade.classify_texts(["sure c", "sure d"], route)
             refusal = ""
@@ -107,15 +107,15 @@ def test_the_requests_own_texts_count_towards_the_backlog(route: Route) -> None:
         await asyncio.gather(running, queued)
         return refusal
 
-    assert "4 texts queued for the student" in run(scenario())
+    assert "5 texts queued for the student" in run(scenario())  # 1 running + 4 queued
 
 
 def test_the_student_cost_per_text_is_measured_on_batched_calls() -> None:
     cascade = router(Teacher())
     cascade.in_flight = 2
-    assert cascade.seconds_per_text is None
+    assert cascade._student_batcher.seconds_per_item is None
     run(cascade._student_answer(cascade.snapshot, ["sure a", "sure b"], cascade.clock() + 10))
-    assert cascade.seconds_per_text is not None and cascade.seconds_per_text > 0
+    assert (cascade._student_batcher.seconds_per_item or 0) > 0
 
 
 # -- breaker: one probe at a time through the cascade (H2) ---------------------------------------------------
