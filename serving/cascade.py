@@ -158,13 +158,13 @@ class CascadeRouter:
 
     def _refuse_if_backlogged(self, texts: int, deadline: float) -> None:
         """Refuse now (fast 503) when the texts ahead of this request (the running batch and the queue, at
-        the queue's measured drain rate) take longer than it may wait: queueing it would only shed it at its
-        deadline, slowly, and slow the rest."""
+        the queue's measured drain rate) would not let it start within ``admission_wait_share`` of the time it
+        may wait: queueing it would risk shedding it at its deadline, slowly, and slow the rest."""
         batcher = self._student_batcher
         per_text, ahead = batcher.seconds_per_item, batcher.backlog
         if per_text is None or ahead == 0:
             return
-        if self.clock() + (ahead + texts) * per_text > deadline:
+        if (ahead + texts) * per_text > self.config.limits.admission_wait_share * (deadline - self.clock()):
             raise Overloaded(f"{ahead} texts queued for the student, about {ahead * per_text:.2f} s of work: "
                              f"more than the {self.config.limits.queue_deadline_s} s queue deadline")
 

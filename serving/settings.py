@@ -119,6 +119,11 @@ class LimitSettings(BaseModel):
     queue_deadline_s: float = Field(0.5, gt=0.0, description="A request that waited this long in the replica "
                                     "before its student call started is answered 503 instead of run, so accepted "
                                     "requests keep their latency under overload.")
+    admission_wait_share: float = Field(0.5, gt=0.0, le=1.0, description="A request is admitted only if its "
+                                        "texts are expected to start within this share of `queue_deadline_s` "
+                                        "(the texts ahead of it at the queue's measured rate); else it is refused "
+                                        "at once. The rate varies batch to batch, and a request admitted right at "
+                                        "the deadline is often shed there, slowly.")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with every 503.")
 
     def admission_limit(self, max_ongoing_requests: int) -> int:

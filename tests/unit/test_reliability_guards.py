@@ -86,7 +86,8 @@ def test_a_verified_file_is_not_hashed_again_while_its_size_and_mtime_hold(tmp_p
 # -- backlog refusal: own texts, the measurement, the student route (K2, K3, K4) -----------------------------
 @pytest.mark.parametrize("route", [Route.AUTO, Route.STUDENT])
 def test_the_requests_own_texts_count_towards_the_backlog(route: Route) -> None:
-    """4 texts queued at 0.1 s each start within the 0.5 s deadline, but 2 more would not: refused at once."""
+    """1 running + 4 queued texts at 0.045 s each start within half the 0.5 s deadline (the admission share),
+    but with the request's own 2 they would not: refused at once."""
     cascade = router(Teacher(), limits={"queue_deadline_s": 0.5})
     student = BlockedStudent()
     cascade.snapshot = Snapshot(bundle("v1"), student, DeferralPolicy(threshold=0.9))
@@ -97,7 +98,7 @@ def test_the_requests_own_texts_count_towards_the_backlog(route: Route) -> None:
         await asyncio.sleep(0.05)
         queued = asyncio.create_task(cascade._student_answer(cascade.snapshot, ["sure"] * 4, cascade.clock() + 10))
         await asyncio.sleep(0.05)
-        cascade._student_batcher.seconds_per_item = 0.1
+        cascade._student_batcher.seconds_per_item = 0.045
         try:
             await cascade.classify_texts(["sure c", "sure d"], route)
             refusal = ""
