@@ -117,7 +117,9 @@ def test_overload_three_times_capacity(gateway) -> None:
 
     apply_config(gateway, limits=LimitSettings().model_dump())  # the production admission limit and queue deadline
     url = f"{gateway.url}/v1/classify"
-    capacity = _capacity(url)
+    # The larger of two measurements: one can fall on a stretch where something else holds the cores (in
+    # `make faults`, the Teacher replica still reloading after the fault before this one).
+    capacity = max(_capacity(url), _capacity(url))
     rate = 3 * capacity
     # The load from hey, in its own compiled processes, so its clock is not the test interpreter's; hey sees only
     # status and timing, so 20 httpx probes during the same load check what a refusal carries.
