@@ -153,9 +153,10 @@ def training_rows(items: list[Leased], n_labels: int, teacher_temperature: float
                   teacher_repeat: int = 1) -> tuple[list[str], np.ndarray]:
     """Texts and target logits (``target_logits``), each row repeated by its kind's weight. A text with a true
     label is learnt from its label only: the label outranks the teacher's answer for the same text, so the
-    teacher records of a labelled text are dropped. Records with neither a label nor a teacher answer are skipped.
+    teacher records of a labelled text are dropped (unless ``label_repeat`` is 0: labels not learnt, the
+    teacher's answer is). Records with neither a label nor a teacher answer are skipped.
     """
-    labelled = {item.record.text for item in items if item.record.label is not None}
+    labelled = {item.record.text for item in items if item.record.label is not None} if label_repeat else set()
     texts, rows = [], []
     for item in items:
         record = item.record

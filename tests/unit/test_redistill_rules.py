@@ -43,6 +43,14 @@ def test_a_text_with_a_true_label_is_learnt_from_its_label_only() -> None:
     assert logits[0] == pytest.approx(np.log([0.3, 0.7]) * T_TEACHER)
 
 
+def test_with_labels_not_learnt_a_labelled_text_is_learnt_from_the_teacher() -> None:
+    """label_repeat 0 means labels are not learnt (they still judge the gate), not that the text is dropped."""
+    items = [leased("a", teacher=(0.9, 0.1)), leased("a", reason="feedback", teacher=(0.9, 0.1), label=1)]
+    texts, logits = rows(items, label_repeat=0)
+    assert texts == ["a"]
+    assert logits[0].argmax() == 0
+
+
 def test_teacher_rows_are_the_teachers_probabilities_as_logits_sharpened() -> None:
     texts, logits = rows([leased("a", teacher=(0.75, 0.25))], sharpen=3.0)
     assert texts == ["a"]
