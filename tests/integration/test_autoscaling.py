@@ -69,7 +69,7 @@ def wait_for_replicas(wanted: int, timeout_s: float) -> float:
 def test_gateway_scales_up_under_load_and_back_down(autoscaled_gateway: str) -> None:
     assert wait_for_replicas(1, timeout_s=60) >= 0
     stop = threading.Event()
-    answered = {"ok": 0, "failed": 0}
+    answered = {"ok": 0, "refused": 0, "failed": 0}
     lock = threading.Lock()
     texts = ["a warm, funny and beautifully acted film", "a dull and lifeless mess"] * 8
 
@@ -77,8 +77,13 @@ def test_gateway_scales_up_under_load_and_back_down(autoscaled_gateway: str) -> 
         with httpx.Client(base_url=autoscaled_gateway, timeout=30) as http:
             while not stop.is_set():
                 response = http.post("/v1/classify", json={"texts": texts})
+                # A JSON 503 with Retry-After is the promised overload answer (a new replica loading takes the
+                # cores for a while), not a failure; anything else is.
+                refused = (response.status_code == 503 and "Retry-After" in response.headers
+                           and "error" in response.json())
+                outcome = "ok" if response.status_code == 200 else "refused" if refused else "failed"
                 with lock:
-                    answered["ok" if response.status_code == 200 else "failed"] += 1
+                    answered[outcome] += 1
 
     threads = [threading.Thread(target=client, daemon=True) for _ in range(8)]
     for thread in threads:
@@ -91,5 +96,7 @@ def test_gateway_scales_up_under_load_and_back_down(autoscaled_gateway: str) -> 
             thread.join(timeout=60)
     down = wait_for_replicas(1, timeout_s=180)
     print(f"\nscaled 1 -> 2 after {up:.1f} s of load, 2 -> 1 {down:.1f} s after it stopped; "
-          f"{answered['ok']} requests answered, {answered['failed']} failed")
+          f"{answered['ok']} requests answered, {answered['refused']} refused (JSON 503), "
+          f"{answered['failed']} failed")
     assert answered["ok"] > 0 and answered["failed"] == 0
+    assert answered["refused"] <= 0.02 * answered["ok"], "eight clients are not overload: refusals must be rare"
