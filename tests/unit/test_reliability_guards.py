@@ -14,7 +14,7 @@ from bundle import registry as registry_module
 from bundle.registry import STUDENT_FILES, BundleError, Registry
 from routing.policy import DeferralPolicy, DegradedReason, Route, TeacherGate
 from serving.cascade import Overloaded, Snapshot
-from serving.settings import GatewayConfig, LimitSettings
+from serving.settings import LimitSettings
 from tests.unit.test_gateway_logic import BlockedStudent, Student, Teacher, bundle, router, run
 
 
@@ -291,16 +291,3 @@ def test_the_gateway_hashes_only_the_students_files_on_start_and_on_a_swap(tiny_
     assert asked and {verify for _, verify in asked} == {STUDENT_FILES}, asked
     assert {version for version, _ in hashed} == {first.version, second.version}
     assert all(relative == "student.onnx" or relative.startswith("tokenizer/") for _, relative in hashed), hashed
-
-
-# -- the student worker thread yields the cores to the event loop --------------------------------------------
-def test_the_student_worker_thread_runs_at_the_configured_nice_and_the_event_loop_keeps_its_own() -> None:
-    """Under saturation the loop (accepting, refusing, answering) must win over the next batch: the worker
-    thread's nice is raised, the loop's thread is left alone, and a live change reaches the worker."""
-    loop_nice = os.getpriority(os.PRIO_PROCESS, 0)
-    first, second = min(19, loop_nice + 3), min(19, loop_nice + 7)
-    cascade = router(Teacher(), student={"worker_nice": first})
-    assert cascade._executor.submit(os.getpriority, os.PRIO_PROCESS, 0).result() == first
-    cascade.configure(GatewayConfig.model_validate({"shadow": {"share": 0.0}, "student": {"worker_nice": second}}))
-    assert cascade._executor.submit(os.getpriority, os.PRIO_PROCESS, 0).result() == second
-    assert os.getpriority(os.PRIO_PROCESS, 0) == loop_nice
