@@ -91,6 +91,7 @@ class OpportunisticBatcher(Generic[Item, Result]):
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
+                previous_end = None  # a failed batch says nothing about the rate; the next one starts a new span
                 continue
             finally:
                 self.running = 0

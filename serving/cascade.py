@@ -165,8 +165,10 @@ class CascadeRouter:
         if per_text is None or ahead == 0:
             return
         if (ahead + texts) * per_text > self.config.limits.admission_wait_share * (deadline - self.clock()):
+            limits = self.config.limits
             raise Overloaded(f"{ahead} texts queued for the student, about {ahead * per_text:.2f} s of work: "
-                             f"more than the {self.config.limits.queue_deadline_s} s queue deadline")
+                             f"more than {limits.admission_wait_share:g} of the {limits.queue_deadline_s} s queue "
+                             "deadline")
 
     # -- the teacher ----------------------------------------------------------------------------
     async def _ask_teacher(self, texts: list[str], enforce_budget: bool, shadow: bool = False
