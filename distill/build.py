@@ -99,8 +99,10 @@ def fine_tune_teacher(cfg: BuildConfig, splits: Splits, work: Path) -> Teacher:
     base = settings.base or train.base_model_dir()
     if not (Path(base) / "config.json").is_file():
         raise BuildInputError(f"{base}: teacher.base is not a Hugging Face model directory (no config.json)")
+    precision = train.resolve_precision(cfg.precision)
     key = {"recipe": "length-bucketed batches", "kind": "fine-tune", "base": str(base), "max_length": cfg.max_length,
-           "seed": cfg.seed} | settings.model_dump(include={"layers", "epochs", "lr", "batch_size"}) | _data_key(splits)
+           "seed": cfg.seed, "precision": precision} \
+        | settings.model_dump(include={"layers", "epochs", "lr", "batch_size"}) | _data_key(splits)
     teacher_dir = work / "teacher"
     done = teacher_dir / "cascade_done.json"
     tokenizer = train.load_tokenizer(base)
@@ -111,11 +113,11 @@ def fine_tune_teacher(cfg: BuildConfig, splits: Splits, work: Path) -> Teacher:
         model = AutoModelForSequenceClassification.from_pretrained(
             str(teacher_dir), local_files_only=True, use_safetensors=True).eval()
     else:
-        model = train.new_teacher(splits.train.label_names, base, settings.layers)
+        model = train.new_teacher(splits.train.label_names, base, settings.layers, seed=cfg.seed)
         model, _ = train.fit(
             model, tokenizer, splits.train, splits.val, epochs=settings.epochs, lr=settings.lr,
             batch_size=settings.batch_size, max_length=cfg.max_length, loss_fn=train.hard_label_loss,
-            bucket_by_length=True, seed=cfg.seed, desc="teacher fine-tune",
+            bucket_by_length=True, seed=cfg.seed, precision=precision, desc="teacher fine-tune",
         )
         shutil.rmtree(teacher_dir, ignore_errors=True)
         model.save_pretrained(str(teacher_dir), safe_serialization=True)
@@ -212,7 +214,7 @@ def initial_student(cfg: BuildConfig, teacher: Teacher, labels: tuple[str, ...])
     if init == "auto":
         init = "teacher" if teacher.model is not None and train.is_bert_family(teacher.model) else "minilm"
     if init == "minilm":
-        student, tokenizer = train.student_from_minilm(labels, cfg.student.layers)
+        student, tokenizer = train.student_from_minilm(labels, cfg.student.layers, seed=cfg.seed)
         return student, tokenizer, init
     if teacher.model is None:
         raise BuildInputError("student.init 'teacher' needs a teacher whose weights are in the build "
@@ -241,9 +243,12 @@ def distill_student(cfg: BuildConfig, student, tokenizer, teacher: Teacher, spli
     train_set = train_set or splits.train
     val_teacher_labels = val_teacher_logits.argmax(-1)
 
+    precision = train.resolve_precision(cfg.precision)
+
     def augmented(_epoch: int, rng: np.random.Generator) -> tuple[list[str], np.ndarray]:
         texts = train.perturb(train_set.texts, rng)
-        return texts, teacher.logits(texts, desc="teacher labels")
+        with train.autocast(precision):  # training targets only; a remote teacher is unaffected
+            return texts, teacher.logits(texts, desc="teacher labels")
 
     settings, kd = cfg.student, cfg.distillation
     return train.fit(
@@ -252,7 +257,7 @@ def distill_student(cfg: BuildConfig, student, tokenizer, teacher: Teacher, spli
         loss_fn=train.distillation_loss(kd.alpha, kd.temperature), soft_targets=soft_targets,
         extra=augmented if kd.augment else None,
         score=lambda logits: float((logits.argmax(-1) == val_teacher_labels).mean()), bucket_by_length=True,
-        seed=cfg.seed, desc=desc,
+        seed=cfg.seed, precision=precision, desc=desc,
     )
 
 
@@ -263,6 +268,7 @@ def _student_checkpoint(cfg: BuildConfig, teacher: Teacher, splits: Splits, soft
     done = student_dir / "cascade_done.json"
     student, tokenizer, init = initial_student(cfg, teacher, splits.train.label_names)
     key = {"teacher": teacher.identity, "init": init, "max_length": cfg.max_length, "seed": cfg.seed,
+           "precision": train.resolve_precision(cfg.precision),
            "student": cfg.student.model_dump(), "distillation": cfg.distillation.model_dump()}
     if done.is_file() and json.loads(done.read_text()).get("settings") == key:
         from transformers import AutoModelForSequenceClassification
@@ -337,7 +343,8 @@ def build(cfg: BuildConfig, home: Path, promote: bool = True) -> Bundle:
         teacher, splits = prepare_teacher(cfg, splits, home, work)
     labels = splits.train.label_names
     with _stage(stages, "teacher logits"):
-        soft = teacher.logits(splits.train.texts, desc="teacher soft labels")
+        with train.autocast(train.resolve_precision(cfg.precision)):  # training targets; val and test stay fp32
+            soft = teacher.logits(splits.train.texts, desc="teacher soft labels")
         val_teacher = teacher.logits(splits.val.texts)
         test_teacher = teacher.logits(splits.test.texts)
     teacher_val = float((val_teacher.argmax(-1) == splits.val.labels).mean())

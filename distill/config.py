@@ -122,6 +122,10 @@ class BuildConfig(Section):
     max_length: int = Field(64, ge=8, description="Token limit; 99% of the snippets are under 45 words.")
     seed: int = 0
     threads: int = Field(2, ge=1)
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="Training arithmetic: bf16 runs forward passes under CPU autocast (weights and "
+        "optimizer state stay fp32); auto picks bf16 where the CPU has it natively (AVX512-BF16 or AMX), "
+        "else fp32. Evaluation, export and serving are fp32 either way.")
     data: DataSettings = DataSettings()
     teacher: TeacherSettings = TeacherSettings()
     student: StudentSettings = StudentSettings()

@@ -324,6 +324,7 @@ def redistill(home: Path, queue: QueueBackend, cfg: RedistillConfig) -> Redistil
         batch_size=cfg.batch_size, max_length=build_cfg.max_length,
         loss_fn=train.distillation_loss(build_cfg.distillation.alpha, build_cfg.distillation.temperature),
         soft_targets=soft, score=checkpoint_score, bucket_by_length=True, seed=build_cfg.seed,
+        precision=train.resolve_precision(build_cfg.precision),
         extra=augmented if cfg.augment_copies else None, extra_per_epoch=cfg.augment_copies * len(answered),
         desc="re-distillation",
     )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -15,6 +17,24 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from distill.data import Dataset
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Precision = Literal["auto", "bf16", "fp32"]
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); without it bf16 is emulated, slower."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_precision(precision: Precision) -> Literal["bf16", "fp32"]:
+    """``auto`` is bf16 where the CPU has it natively, else fp32."""
+    if precision == "auto":
+        return "bf16" if native_bf16() else "fp32"
+    return precision
+
+
+def autocast(precision: Literal["bf16", "fp32"]) -> AbstractContextManager:
+    """bf16 matrix products on the CPU (weights, gradients and optimizer state stay fp32); fp32: no change."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def base_model_dir() -> Path:
@@ -32,9 +52,15 @@ def encode(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tens
     return tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
 
 
-def new_teacher(labels: tuple[str, ...], base: Path | None = None, layers: int | None = None) -> PreTrainedModel:
-    """An encoder (default: the bundled MiniLM-L6) with a fresh classification head; optionally truncated."""
+def new_teacher(labels: tuple[str, ...], base: Path | None = None, layers: int | None = None,
+                seed: int = 0) -> PreTrainedModel:
+    """An encoder (default: the bundled MiniLM-L6) with a fresh classification head; optionally truncated.
+
+    The head is drawn from torch's generator seeded with ``seed``: a fresh process seeds it at random, and
+    an unseeded head made two builds with the same settings differ from their first step.
+    """
     extra = {"num_hidden_layers": layers} if layers else {}
+    torch.manual_seed(seed)
     return AutoModelForSequenceClassification.from_pretrained(
         str(base or base_model_dir()),
         num_labels=len(labels),
@@ -76,13 +102,13 @@ def student_from_teacher(teacher: PreTrainedModel, layers: int) -> PreTrainedMod
     return student.eval()
 
 
-def student_from_minilm(labels: tuple[str, ...], layers: int) -> tuple[PreTrainedModel, object]:
+def student_from_minilm(labels: tuple[str, ...], layers: int, seed: int = 0) -> tuple[PreTrainedModel, object]:
     """A student for any teacher: the bundled MiniLM's evenly spaced layers, a fresh head, MiniLM's tokenizer.
 
     Distillation needs only the teacher's outputs on texts, so the student's architecture and vocabulary
     need not be the teacher's.
     """
-    return student_from_teacher(new_teacher(labels), layers), load_tokenizer(base_model_dir())
+    return student_from_teacher(new_teacher(labels, seed=seed), layers), load_tokenizer(base_model_dir())
 
 
 @torch.inference_mode()
@@ -181,6 +207,7 @@ def fit(
     score: Score | None = None,
     bucket_by_length: bool = False,
     seed: int = 0,
+    precision: Literal["bf16", "fp32"] = "fp32",
     desc: str = "train",
 ) -> tuple[PreTrainedModel, float]:
     """Train with AdamW and linear decay; keep the epoch with the best val score (selection on val).
@@ -189,12 +216,14 @@ def fit(
     teacher's; ``extra_per_epoch`` of them, default as many as ``train``, sizes the schedule);
     ``score(val_logits)`` defaults to val accuracy. ``bucket_by_length`` batches texts
     of similar length (faster on CPU); off, batches are plain shuffles (the teacher's recipe).
+    ``precision`` bf16 runs the forward pass under CPU autocast; the epoch's val score is always fp32, as
+    served. The optimizer is AdamW's fused kernel: on 2 cores it cut a 4-layer step by a quarter.
     """
     generator = np.random.default_rng(seed)
     torch.manual_seed(seed)
     score = score or (lambda logits: float((logits.argmax(-1) == val.labels).mean()))
     extra_per_epoch = 0 if extra is None else len(train) if extra_per_epoch is None else extra_per_epoch
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, fused=True)
     steps = epochs * max(1, -(-(len(train) + extra_per_epoch) // batch_size))
     warmup = max(1, steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -220,8 +249,9 @@ def fit(
             model.train()
             for index in batches:
                 batch = encode(tokenizer, [texts[i] for i in index], max_length)
-                logits = model(**batch).logits
-                loss = loss_fn(logits, label_tensor[index], soft_tensor[index])
+                with autocast(precision):
+                    logits = model(**batch).logits
+                loss = loss_fn(logits.float(), label_tensor[index], soft_tensor[index])
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()

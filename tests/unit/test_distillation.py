@@ -127,3 +127,42 @@ def test_the_teacher_floor_applies_to_the_bundled_task_only() -> None:
     assert "PASS (> TF-IDF)" in teacher_row(format_report(weak_but_useful, default_task=False))
     no_better_than_tfidf = {"evaluation": _evaluation(teacher_accuracy=0.70, tfidf=0.72)}
     assert "FAIL (> TF-IDF)" in teacher_row(format_report(no_better_than_tfidf, default_task=False))
+
+
+def test_a_fresh_teacher_s_head_follows_the_build_seed() -> None:
+    """The classification head is the one untrained part: unseeded, two builds with one seed differed from step 1."""
+    torch.manual_seed(123)  # whatever the process's generator holds before, the seed decides the head
+    first = train.new_teacher(LABELS, seed=5).classifier.weight.detach().clone()
+    torch.manual_seed(456)
+    again = train.new_teacher(LABELS, seed=5).classifier.weight
+    other = train.new_teacher(LABELS, seed=6).classifier.weight
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_twice_with_one_seed_gives_the_same_weights(precision: str) -> None:
+    """Same seed, data and machine: the same student, bit for bit (the build's targets then hold on every build)."""
+    texts = [f"a {'good' if i % 2 else 'bad'} film number {i} with {'fine' if i % 3 else 'dull'} acting"
+             for i in range(48)]
+    data = Dataset("toy", texts, np.arange(48) % 2, LABELS)
+    tokenizer = train.load_tokenizer(train.base_model_dir())
+
+    def trained(seed: int) -> dict[str, torch.Tensor]:
+        model = train.student_from_teacher(train.new_teacher(LABELS, seed=seed), 1)
+        model, _ = train.fit(model, tokenizer, data, data, epochs=1, lr=1e-3, batch_size=8, max_length=16,
+                             loss_fn=train.hard_label_loss, bucket_by_length=True, seed=seed, precision=precision)
+        return model.state_dict()
+
+    first, again, other = trained(0), trained(0), trained(1)
+    assert all(torch.equal(first[key], again[key]) for key in first)
+    assert not torch.equal(first["classifier.weight"], other["classifier.weight"])
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it() -> None:
+    assert train.resolve_precision("auto") == ("bf16" if train.native_bf16() else "fp32")
+    assert train.resolve_precision("fp32") == "fp32" and train.resolve_precision("bf16") == "bf16"
+    with train.autocast("bf16"):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    with train.autocast("fp32"):
+        assert not torch.is_autocast_enabled("cpu")
