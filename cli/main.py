@@ -135,7 +135,8 @@ def calibrate(
     teacher_share: Annotated[float | None, typer.Option(
         min=0.0, max=1.0, help="Send this share of texts to the teacher instead of targeting agreement.")] = None,
     target_agreement: Annotated[float, typer.Option(
-        min=0.0, max=1.0, help="Smallest teacher share whose answers agree with the teacher this often.")] = 0.97,
+        min=0.0, max=1.0, help="Smallest teacher share whose answers agree with the teacher this often (on "
+        "val: at the lower end of the interval at the bundle's calibration.level).")] = 0.97,
     from_queue: Annotated[bool, typer.Option("--from-queue", help="Calibrate on recent live traffic (the queue's "
                                              "shadow and fallback records) instead of val: the target must hold on "
                                              "the 95% interval's lower bound.")] = False,
@@ -168,6 +169,7 @@ def calibrate(
         softmax(student_logits, manifest.temperatures.student), softmax(teacher_logits, manifest.temperatures.teacher),
         labels, ConfidenceMeasure(manifest.confidence_measure),
         target_agreement=None if teacher_share is not None else target_agreement, teacher_share=teacher_share,
+        level=BuildConfig.model_validate(manifest.build).calibration.level,
     )
     registry.save_manifest(bundle, manifest.model_copy(update={"threshold": chosen.threshold}))
     curve = bundle.path / "operating_curve.calibrate.png"

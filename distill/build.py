@@ -296,7 +296,7 @@ def calibrate_bundle_dir(staging: Path, cfg: BuildConfig, val_student_logits: np
     measure = ConfidenceMeasure.MAX_PROB
     chosen, points = pick_operating_point(
         softmax(val_student_logits, t_student), softmax(val_teacher_logits, t_teacher), val_labels, measure,
-        target_agreement=cfg.calibration.target_agreement, teacher_share=None,
+        target_agreement=cfg.calibration.target_agreement, teacher_share=None, level=cfg.calibration.level,
     )
     operating_curve_png(points, chosen, staging / CURVE_FILE, "Deferral sweep on val")
     return {
@@ -308,7 +308,7 @@ def calibrate_bundle_dir(staging: Path, cfg: BuildConfig, val_student_logits: np
             "teacher": calibration_summary(test_teacher_logits, test_labels, t_teacher),
             "fitted_on": "val",
             "ece_measured_on": "test",
-            "target": {"agreement_with_teacher": cfg.calibration.target_agreement},
+            "target": {"agreement_with_teacher": cfg.calibration.target_agreement, "level": cfg.calibration.level},
             "val_operating_point": chosen.as_dict(),
             "val_curve": thin_curve(points),
         },

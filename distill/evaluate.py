@@ -188,9 +188,12 @@ def calibration_summary(logits: np.ndarray, labels: np.ndarray, temperature: flo
 
 def pick_operating_point(val_student_probs: np.ndarray, val_teacher_probs: np.ndarray, labels: np.ndarray,
                          measure: ConfidenceMeasure, *, target_agreement: float | None,
-                         teacher_share: float | None) -> tuple[OperatingPoint, list[OperatingPoint]]:
+                         teacher_share: float | None, level: float | None = None,
+                         ) -> tuple[OperatingPoint, list[OperatingPoint]]:
+    """Sweep val and choose the threshold (``level``: the target holds at the interval's lower bound)."""
     points = sweep(val_student_probs, val_teacher_probs, labels, measure)
-    return choose_threshold(points, target_agreement=target_agreement, teacher_share=teacher_share), points
+    return choose_threshold(points, target_agreement=target_agreement, teacher_share=teacher_share, level=level,
+                            texts=len(labels)), points
 
 
 def write_report(bundle_dir: Path, report: dict[str, Any]) -> None:

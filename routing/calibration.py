@@ -12,6 +12,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 
 from routing.confidence import ConfidenceMeasure, confidence, softmax
+from routing.estimate import wilson
 
 
 def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
@@ -84,19 +85,29 @@ def sweep(student_probs: np.ndarray, teacher_probs: np.ndarray, labels: np.ndarr
 
 
 def choose_threshold(points: list[OperatingPoint], *, target_agreement: float | None = None,
-                     teacher_share: float | None = None) -> OperatingPoint:
+                     teacher_share: float | None = None, level: float | None = None,
+                     texts: int | None = None) -> OperatingPoint:
     """RouteLLM-style calibration: an explicit teacher share, or the cheapest point meeting an agreement.
 
     Agreement with the teacher needs no labels, so it is the default target: far less noisy than
-    accuracy on a test set of about a thousand texts.
+    accuracy on a test set of about a thousand texts. With ``level`` the target must hold at the lower
+    end of the agreement's Wilson interval on the ``texts`` it was measured on, not at the point
+    estimate: the cheapest point whose estimate just reaches the target is the one most likely to have
+    been lucky on this sample, and it fell short on new texts about as often as not.
     """
     if (target_agreement is None) == (teacher_share is None):
         raise ValueError("give exactly one of target_agreement or teacher_share")
+    if level is not None and not texts:
+        raise ValueError("a level needs the number of texts the points were measured on")
     ordered = sorted(points, key=lambda p: (p.teacher_share, p.threshold))
     if teacher_share is not None:
         eligible = [p for p in ordered if p.teacher_share <= teacher_share]
         return eligible[-1] if eligible else ordered[0]
-    for point in ordered:
-        if point.agreement_with_teacher >= target_agreement:
-            return point
-    return ordered[-1]
+
+    def holds(point: OperatingPoint) -> bool:
+        agreement = point.agreement_with_teacher
+        if level is not None and texts:
+            agreement = wilson(agreement, texts, level)[0]
+        return agreement >= target_agreement
+
+    return next((point for point in ordered if holds(point)), ordered[-1])

@@ -61,3 +61,21 @@ def test_choose_threshold_picks_the_cheapest_point_meeting_the_target() -> None:
     assert by_share.teacher_share <= 0.10
     with pytest.raises(ValueError):
         choose_threshold(points)
+
+
+def test_with_a_level_the_target_must_hold_at_the_interval_s_lower_bound() -> None:
+    """On a thousand texts the point estimate's cheapest point is the luckiest one; the lower bound adds the margin."""
+    from routing.estimate import wilson
+
+    rng = np.random.default_rng(3)
+    teacher = softmax(rng.normal(0, 3, (1000, 2)))
+    noisy = softmax(np.log(teacher) + rng.normal(0, 1.0, (1000, 2)))
+    points = sweep(noisy, teacher, None)
+    by_point = choose_threshold(points, target_agreement=0.97)
+    by_bound = choose_threshold(points, target_agreement=0.97, level=0.95, texts=1000)
+    assert by_bound.teacher_share > by_point.teacher_share
+    assert wilson(by_bound.agreement_with_teacher, 1000, 0.95)[0] >= 0.97
+    assert all(wilson(p.agreement_with_teacher, 1000, 0.95)[0] < 0.97
+               for p in points if p.teacher_share < by_bound.teacher_share)
+    with pytest.raises(ValueError, match="number of texts"):
+        choose_threshold(points, target_agreement=0.97, level=0.95)
