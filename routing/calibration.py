@@ -106,7 +106,7 @@ def choose_threshold(points: list[OperatingPoint], *, target_agreement: float | 
 
     def holds(point: OperatingPoint) -> bool:
         agreement = point.agreement_with_teacher
-        if level is not None and texts:
+        if level is not None:
             agreement = wilson(agreement, texts, level)[0]
         return agreement >= target_agreement
 

@@ -49,11 +49,16 @@ def test_sweep_spans_from_no_deferral_to_full_deferral() -> None:
     assert shares == sorted(shares)
 
 
+def noisy_student_points(seed: int, texts: int = 1000) -> list:
+    """The operating points of a student that is the teacher plus noise, on ``texts`` texts."""
+    rng = np.random.default_rng(seed)
+    teacher = softmax(rng.normal(0, 3, (texts, 2)))
+    noisy = softmax(np.log(teacher) + rng.normal(0, 1.0, (texts, 2)))
+    return sweep(noisy, teacher, None)
+
+
 def test_choose_threshold_picks_the_cheapest_point_meeting_the_target() -> None:
-    rng = np.random.default_rng(2)
-    teacher = softmax(rng.normal(0, 3, (1000, 2)))
-    noisy = softmax(np.log(teacher) + rng.normal(0, 1.0, (1000, 2)))
-    points = sweep(noisy, teacher, None)
+    points = noisy_student_points(2)
     chosen = choose_threshold(points, target_agreement=0.97)
     assert chosen.agreement_with_teacher >= 0.97
     assert all(p.agreement_with_teacher < 0.97 for p in points if p.teacher_share < chosen.teacher_share)
@@ -67,10 +72,7 @@ def test_with_a_level_the_target_must_hold_at_the_interval_s_lower_bound() -> No
     """On a thousand texts the point estimate's cheapest point is the luckiest one; the lower bound adds the margin."""
     from routing.estimate import wilson
 
-    rng = np.random.default_rng(3)
-    teacher = softmax(rng.normal(0, 3, (1000, 2)))
-    noisy = softmax(np.log(teacher) + rng.normal(0, 1.0, (1000, 2)))
-    points = sweep(noisy, teacher, None)
+    points = noisy_student_points(3)
     by_point = choose_threshold(points, target_agreement=0.97)
     by_bound = choose_threshold(points, target_agreement=0.97, level=0.95, texts=1000)
     assert by_bound.teacher_share > by_point.teacher_share
