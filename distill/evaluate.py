@@ -70,7 +70,7 @@ def paired_latency_ms(student_predict: Callable[[list[str]], Any], client: Teach
                       runs: int, rounds: int = LATENCY_ROUNDS) -> tuple[dict[str, float], dict[str, float], float]:
     """Batch-1 latency of student and teacher, timed in alternating rounds, and the speed-up.
 
-    On a shared 2-core machine the same student file measured p50 1.55-2.58 ms from one second to the next,
+    On a shared 2-core machine the same student file's p50 moved by half from one second to the next,
     so one block of student runs and a later block of teacher runs compared two different moments (one
     build printed 6.1x where four other measurements of its file printed 8.4-8.9x). Each round times both
     on the same texts one after the other; the speed-up is the median of the rounds' p50 ratios, and the

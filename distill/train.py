@@ -217,7 +217,8 @@ def fit(
     ``score(val_logits)`` defaults to val accuracy. ``bucket_by_length`` batches texts
     of similar length (faster on CPU); off, batches are plain shuffles (the teacher's recipe).
     ``precision`` bf16 runs the forward pass under CPU autocast; the epoch's val score is always fp32, as
-    served. The optimizer is AdamW's fused kernel: on 2 cores it cut a 4-layer step by a quarter.
+    served. The optimizer is AdamW's fused kernel: on 2 cores it cut a bf16 5-layer step by about a fifth
+    (`python -m distill.step_bench`).
     """
     generator = np.random.default_rng(seed)
     torch.manual_seed(seed)
