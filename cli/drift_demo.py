@@ -228,6 +228,8 @@ def run_once(home: Path, seed: int, port: int, distill_config: Path | None, text
         "share_for_97_before": _share_for(old_probs, teacher_probs, measure),
         "share_for_97_after": _share_for(new_probs, teacher_probs, measure),
         "base_test_before": gate.get("current_test_accuracy"), "base_test_after": gate.get("new_test_accuracy"),
+        "base_test_agreement_before": gate.get("current_test_agreement"),
+        "base_test_agreement_after": gate.get("new_test_agreement"),
         "accuracy_before": float((old_probs.argmax(-1) == held_labels).mean()),
         "accuracy_after": float((new_probs.argmax(-1) == held_labels).mean()),
         "teacher_accuracy": float((teacher == held_labels).mean()),
@@ -278,6 +280,10 @@ def run(home: Path, port: int = 8765, distill_config: Path | None = None, runs: 
         for name, measured, ok in _checks(result):
             passed &= ok
             print(f"  {'PASS' if ok else 'FAIL'}  {name:48} {measured}")
+        if result["base_test_agreement_before"] is not None:
+            before, after = 1 - result["base_test_agreement_before"], 1 - result["base_test_agreement_after"]
+            print(f"  note: on the base test set the student disagrees with the teacher on {before:.1%} of texts "
+                  f"({after:.1%} after): how close distillation came where it had the most data")
         gate = result["gate"]
         if gate.get("holdout"):
             hold = gate["holdout"]

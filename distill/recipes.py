@@ -119,6 +119,8 @@ def measure(home: Path, overrides: dict, seed: int, shadow: float, feedback: int
         "accuracy_before": float((old == labels).mean()), "accuracy_after": float((new_answer == labels).mean()),
         "teacher_accuracy": float((teacher_answer == labels).mean()),
         "base_test_before": gate["current_test_accuracy"], "base_test_after": gate["new_test_accuracy"],
+        "base_test_disagreement_before": 1 - gate["current_test_agreement"],
+        "base_test_disagreement_after": 1 - gate["new_test_agreement"],
         "checkpoints": gate["checkpoints"], "base_val_floor": gate["base_val_floor"],
     }
 

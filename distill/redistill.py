@@ -345,6 +345,7 @@ def redistill(home: Path, queue: QueueBackend, cfg: RedistillConfig) -> Redistil
         holdout_targets = np.array([true_labels.get(item.record.text, gate_target(item.record)) for item in holdout])
         test_student = _logits(candidate, splits.test.texts, n_labels)
         old_test = _logits(current, splits.test.texts, n_labels).argmax(-1)
+        test_teacher = base_logits["test"].argmax(-1)
         new_test = test_student.argmax(-1)
         old_hold = _logits(current, holdout_texts, n_labels).argmax(-1)
         new_hold = _logits(candidate, holdout_texts, n_labels).argmax(-1)
@@ -359,6 +360,10 @@ def redistill(home: Path, queue: QueueBackend, cfg: RedistillConfig) -> Redistil
             "base_test_texts": len(splits.test),
             "current_test_accuracy": float((old_test == splits.test.labels).mean()),
             "new_test_accuracy": float((new_test == splits.test.labels).mean()),
+            # Agreement with the teacher on the base test set: how close distillation brought the student on
+            # the domain it was built from, the level re-distillation on new traffic can hope to approach there.
+            "current_test_agreement": float((old_test == test_teacher).mean()),
+            "new_test_agreement": float((new_test == test_teacher).mean()),
             "holdout_records": len(holdout),
             "holdout_labelled": int(sum(item.record.label is not None for item in holdout)),
             "current_holdout_agreement": float((old_hold == holdout_targets).mean()),

@@ -9,7 +9,11 @@ import numpy as np
 
 from bundle.registry import Registry
 from bundle.runtime import StudentRuntime, TeacherRuntime
+from bundle.teachers import open_teacher, teacher_logits_sync
+from distill.build import splits_for
+from distill.config import BuildConfig
 from distill.data import load_amazon_snippets
+from distill.evaluate import teacher_cache_dir
 from distill.redistill import RedistillConfig, gate_target, redistill, split_records, target_logits
 from records.queue import DisagreementRecord, Leased, SqliteQueue, teacher_answer_records
 from routing.confidence import softmax
@@ -54,6 +58,15 @@ def test_a_failed_gate_registers_nothing_and_releases_the_records(tiny_home_copy
     assert not list((tiny_home_copy / "registry").glob(".staging-*"))
     assert len(queue.lease(100, lease_s=60)) == 60  # released at once, not after the lease
     assert np.isfinite(gate["new_test_accuracy"])
+    # The base-test agreement with the teacher is the current student's own, measured here from its files.
+    bundle = registry.load()
+    m = bundle.manifest
+    texts = splits_for(BuildConfig.model_validate(m.build)).test.texts
+    client = open_teacher(m.teacher, bundle.path, m.labels, max_length=m.max_length)
+    teacher = teacher_logits_sync(client, texts, teacher_cache_dir(bundle)).argmax(-1)
+    student = StudentRuntime(bundle.student_path, bundle.tokenizer_dir, m.max_length).logits(texts).argmax(-1)
+    assert gate["current_test_agreement"] == float((student == teacher).mean())
+    assert 0 <= gate["new_test_agreement"] <= 1
 
 
 def test_wait_without_enough_held_out_traffic_or_without_new_evidence(tiny_home_copy: Path) -> None:
