@@ -239,6 +239,11 @@ def run_once(home: Path, seed: int, port: int, distill_config: Path | None, text
     }
 
 
+def _change(cut: float) -> str:
+    """A relative cut in words: "25% less", or "11% more" when it went up."""
+    return f"{abs(cut):.0%} {'less' if cut >= 0 else 'more'}"
+
+
 def _checks(r: dict) -> list[tuple[str, str, bool]]:
     """What the issue asks of one run: (name, measured, passed)."""
     before, after = r["disagreement_before"], r["disagreement_after"]
@@ -251,11 +256,11 @@ def _checks(r: dict) -> list[tuple[str, str, bool]]:
     return [
         ("gate outcome", r["outcome"], r["outcome"] == "promoted"),
         ("disagreement with teacher (held-out)",
-         f"{before:.1%} -> {after:.1%} ({cut:.0%} less; paired 95% CI of the drop "
+         f"{before:.1%} -> {after:.1%} ({_change(cut)}; paired 95% CI of the drop "
          f"[{r['disagreement_reduction_low95'] * 100:+.1f}, {r['disagreement_reduction_high95'] * 100:+.1f}] points)",
          cut >= 0.30 and r["disagreement_reduction_low95"] > 0),
         ("teacher share for 97% agreement", f"{r['share_for_97_before']:.1%} -> {r['share_for_97_after']:.1%} "
-         f"({share_cut:.0%} less)", share_cut >= 0.25),
+         f"({_change(share_cut)})", share_cut >= 0.25),
         ("base test accuracy", "n/a" if base_change is None else
          f"{r['base_test_before']:.4f} -> {r['base_test_after']:.4f} ({base_change * 100:+.2f} points)",
          base_change is not None and base_change >= -0.005),
