@@ -40,6 +40,7 @@ from distill.data import load_amazon_snippets
 from loadtests.bench import wait_ready
 from routing.calibration import choose_threshold, sweep
 from routing.confidence import ConfidenceMeasure
+from routing.estimate import wilson
 from routing.gate import Paired
 
 HOLDOUT_SHARE = 0.3
@@ -49,6 +50,9 @@ SEEDS = (7, 8, 9)
 SHADOW_SHARE = 0.9
 FEEDBACK_TEXTS = 500
 TARGET_AGREEMENT = 0.97
+# The controller's beat for the hold run: the stream lasts about 40 s, so updates every second and the
+# product default step; the threshold still moves at most 0.02 a second.
+HOLD_CONTROLLER = {"interval_s": 1.0, "max_step": 0.02, "min_records": 200}
 
 
 def _cascade() -> str:
@@ -88,10 +92,10 @@ def _answers(client: httpx.Client, texts: list[str], route: str) -> tuple[np.nda
     return np.array(probs), np.array(confidence), version
 
 
-def _share_for(student: np.ndarray, teacher: np.ndarray, measure: str) -> float:
-    """The smallest teacher share at which the cascade agrees with the teacher 97% of the time."""
+def _share_for(student: np.ndarray, teacher: np.ndarray, measure: str, target: float = TARGET_AGREEMENT) -> float:
+    """The smallest teacher share at which the cascade agrees with the teacher on ``target`` of the texts."""
     return choose_threshold(sweep(student, teacher, None, ConfidenceMeasure(measure)),
-                            target_agreement=TARGET_AGREEMENT).teacher_share
+                            target_agreement=target).teacher_share
 
 
 def _live_gauge(metrics_url: str, timeout_s: float = 90.0) -> dict[str, float] | None:
@@ -121,8 +125,9 @@ def _queue_backlog(env: dict[str, str]) -> dict:
                                      check=True).stdout)
 
 
-def _serve_config(port: int) -> dict:
-    """The shipped Serve config, with every teacher answer kept and every text shadowed."""
+def _serve_config(port: int, hold_agreement: float | None = None) -> dict:
+    """The shipped Serve config, with every teacher answer kept and most texts shadowed; with
+    ``hold_agreement``, the gateway's threshold controller on, on a beat that suits a 40-second stream."""
     text = subprocess.run([_cascade(), "serve-config", "--port", str(port)], capture_output=True, text=True,
                           check=True).stdout
     config = yaml.safe_load(text)
@@ -133,6 +138,9 @@ def _serve_config(port: int) -> dict:
     user["queue"]["keep"] = "all"
     user["teacher"].update({"max_share": 1.0, "timeout_s": 30.0})
     user["model"]["poll_interval_s"] = 1.0
+    if hold_agreement is not None:
+        user["routing"]["target_agreement"] = hold_agreement
+        user["routing"]["controller"].update(HOLD_CONTROLLER)
     return config
 
 
@@ -242,6 +250,98 @@ def run_once(home: Path, seed: int, port: int, distill_config: Path | None, text
 def _change(cut: float) -> str:
     """A relative cut in words: "25% less", or "11% more" when it went up."""
     return f"{abs(cut):.0%} {'less' if cut >= 0 else 'more'}"
+
+
+def _cascade_at(threshold: float, student: np.ndarray, confidence: np.ndarray, teacher: np.ndarray
+                ) -> tuple[float, float]:
+    """(agreement with the teacher, teacher share) of the cascade at ``threshold`` on the held-out texts."""
+    deferred = confidence < threshold
+    return float(np.where(deferred, True, student.argmax(-1) == teacher).mean()), float(deferred.mean())
+
+
+def hold_once(home: Path, seed: int, port: int, target: float, texts: int | None) -> dict:
+    """The gateway holding ``target`` itself under drift (``routing.target_agreement``): stream the Amazon
+    texts, let every replica's controller settle, and measure the held-out slice at the thresholds it chose."""
+    amazon = load_amazon_snippets()
+    order = np.random.default_rng(seed).permutation(len(amazon))[:texts]
+    cut = int(len(order) * HOLDOUT_SHARE)
+    holdout, stream = order[:cut], order[cut:]
+    held_texts = [amazon.texts[i] for i in holdout]
+    demo_home = _private_home(home)
+    config_path = demo_home / "serve.yaml"
+    config_path.write_text(yaml.safe_dump(_serve_config(port, target)))
+    env = os.environ | {"CASCADE_HOME": str(demo_home)}
+    env.pop("CASCADE_API_KEY", None)
+    env.pop("CASCADE_API_KEY_FILE", None)
+    log = (demo_home / "serve.log").open("w")
+    print(f"\nhold seed={seed}: {len(stream)} Amazon texts streamed, {len(held_texts)} held out; target {target}",
+          flush=True)
+    server = subprocess.Popen([_cascade(), "serve", "--port", str(port), "--config", str(config_path), "--no-fast",
+                               "--metrics-port", str(port + 1)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                              start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, "/v2/health/ready", 900, server)
+        with httpx.Client(base_url=url, timeout=120) as client:
+            first = client.get("/v1/status").json()
+            start_threshold, measure = first["threshold"], first["confidence_measure"]
+            student, confidence, _ = _answers(client, held_texts, "student")
+            teacher_probs = _answers(client, held_texts, "teacher")[0]
+            teacher = teacher_probs.argmax(-1)
+            started = time.monotonic()
+            for start in range(0, len(stream), 16):
+                client.post("/v1/classify", json={"texts": [amazon.texts[i] for i in stream[start : start + 16]]}
+                            ).raise_for_status()
+            streamed_s = time.monotonic() - started
+            # No new evidence after the stream: each replica walks to what its evidence asks for, then stays.
+            deadline, replicas = time.monotonic() + 120, {}
+            while time.monotonic() < deadline:
+                for _ in range(20):
+                    status = client.get("/v1/status").json()
+                    replicas[status["replica"]] = status
+                steps = [r["threshold_controller"] for r in replicas.values()]
+                if steps and all(step and step["wanted"] is not None and abs(r["threshold"] - step["wanted"]) < 1e-9
+                                 for r, step in zip(replicas.values(), steps, strict=True)):
+                    break
+                time.sleep(1)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()
+    shutil.rmtree(demo_home, ignore_errors=True)
+    before = _cascade_at(start_threshold, student, confidence, teacher)
+    after = {name: {"threshold": r["threshold"], "records": r["threshold_controller"]["records"],
+                    "agreement_share": _cascade_at(r["threshold"], student, confidence, teacher)}
+             for name, r in replicas.items()}
+    return {"seed": seed, "target": target, "streamed_s": streamed_s, "held_out": len(held_texts),
+            "start_threshold": start_threshold, "before": before, "replicas": after,
+            "share_needed": _share_for(student, teacher_probs, measure, target)}
+
+
+def hold(home: Path, target: float, port: int = 8765, runs: int = 3, texts: int | None = None) -> int:
+    """`cascade drift-demo --hold-agreement`: returns 0 when, for every replica's threshold, the held-out agreement
+    is not shown to fall short of the target (its 95% Wilson interval reaches it)."""
+    held = True
+    for seed in SEEDS[:runs] if runs <= len(SEEDS) else range(SEEDS[0], SEEDS[0] + runs):
+        r = hold_once(home, seed, port, target, texts)
+        agreement, share = r["before"]
+        print(f"hold seed={seed}: streamed in {r['streamed_s']:.0f} s")
+        print(f"  bundle threshold {r['start_threshold']:.4f}: held-out agreement {agreement:.1%}, teacher share "
+              f"{share:.1%}; the cheapest threshold for {target:.0%} on the held-out texts sends "
+              f"{r['share_needed']:.1%}")
+        for name, replica in r["replicas"].items():
+            agreement, share = replica["agreement_share"]
+            low, high = wilson(agreement, r["held_out"])
+            ok = high >= target
+            held &= ok
+            print(f"  {'PASS' if ok else 'FAIL'}  replica {name[-8:]}: threshold {replica['threshold']:.4f} from "
+                  f"{replica['records']} answers: held-out agreement {agreement:.1%} [{low:.1%}, {high:.1%}], "
+                  f"teacher share {share:.1%}")
+        print(json.dumps(r, default=float))
+    return 0 if held else 1
 
 
 def _checks(r: dict) -> list[tuple[str, str, bool]]:

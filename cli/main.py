@@ -607,13 +607,20 @@ def drift_demo(home: Home = None,
                runs: Annotated[int, typer.Option(min=1, help="Runs, each with its own seed and stream order.")] = 3,
                texts: Annotated[int | None, typer.Option(min=30, help="Use only this many Amazon texts (a smoke "
                                                          "run on a tiny bundle); default all.")] = None,
+               hold_agreement: Annotated[float | None, typer.Option(min=0.5, max=0.999, help="Instead: serve with "
+                                                                    "routing.target_agreement at this value, stream, "
+                                                                    "and measure the thresholds the replicas chose "
+                                                                    "on the held-out texts (no re-distillation).")
+                                         ] = None,
                ) -> None:
     """Show the loop on the shifted domain: stream Amazon texts, re-distill from the queue, measure again.
 
     Starts its own gateway on a private copy of the current bundle; stop any running gateway first.
     """
-    from cli.drift_demo import run
+    from cli.drift_demo import hold, run
 
+    if hold_agreement is not None:
+        raise typer.Exit(code=hold(_home(home), hold_agreement, port=port, runs=runs, texts=texts))
     raise typer.Exit(code=run(_home(home), port=port, distill_config=distill_config, runs=runs,
                               texts=texts))
 

@@ -220,14 +220,25 @@ class LiveEvidence:
             self._versions_seen(student_version, teacher_version)
             self._labelled.extend(zip(labels, cascade_labels.tolist(), student_labels.tolist(), strict=True))
 
+    def evidence(self) -> Evidence | None:
+        """The recent teacher answers as arrays (None: none yet), for the estimate and the threshold controller."""
+        with self._lock:
+            answers = list(self._answers)
+            versions = self._versions
+        if not answers:
+            return None
+        w, c, t, s, k = (np.array(column) for column in zip(*answers, strict=True))
+        student_version, teacher_version = versions if versions else (None, None)
+        return Evidence(w, c, t, s.astype(np.int64), k.astype(np.int64), teacher_version, student_version)
+
     def estimate(self, level: float = 0.95) -> tuple[Interval | None, Interval | None]:
         """(live agreement with the teacher, live accuracy on labelled texts); None where there is no evidence."""
+        evidence = self.evidence()
         with self._lock:
-            answers, labelled = list(self._answers), list(self._labelled)
+            labelled = list(self._labelled)
         agreement = accuracy = None
-        if answers:
-            w, c, t, s, k = (np.array(column) for column in zip(*answers, strict=True))
-            agreement = live_agreement(Evidence(w, c, t, s.astype(np.int64), k.astype(np.int64)), level)
+        if evidence is not None:
+            agreement = live_agreement(evidence, level)
         if labelled:
             label, cascade, _ = (np.array(column) for column in zip(*labelled, strict=True))
             accuracy = weighted_proportion(cascade == label, np.ones(len(label)), level)

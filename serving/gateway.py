@@ -7,6 +7,7 @@ teacher deployment, under a concurrency cap, a traffic budget and a timeout.
 
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -34,6 +35,7 @@ from bundle.runtime import StudentRuntime
 from records.queue import open_queue
 from records.writer import RecordWriter
 from routing.confidence import ConfidenceMeasure
+from routing.controller import ControllerStep, ThresholdController
 from routing.policy import DeferralPolicy, Route
 from serving import oip, replica_state
 from serving.cascade import CascadeRouter, Overloaded, Snapshot
@@ -226,6 +228,8 @@ class Gateway:
         self.router = CascadeRouter(self._call_teacher, self.config, self.metrics)
         self._writer_url: str | None = None
         self._swap_lock = threading.Lock()
+        self._controlled_at = time.monotonic()
+        self._controller_step: ControllerStep | None = None
         self.reconfigure(config or {})
         replica_state.gateway = self
         threading.Thread(target=self._follow_current, name="cascade-follow-current", daemon=True).start()
@@ -303,6 +307,7 @@ class Gateway:
         while True:
             time.sleep(self.config.model.poll_interval_s)
             self._publish_state()
+            self._control_threshold()
             config = self.config
             if config.model.version is not None:
                 continue
@@ -317,6 +322,34 @@ class Gateway:
                     self._use_bundle(Registry(config.model.home).load(current, verify=STUDENT_FILES), config)
             except Exception as exc:  # a bad promotion keeps the running model
                 logger.error("not swapping to the new current model: %s", exc)
+
+    def _control_threshold(self) -> None:
+        """``routing.target_agreement``: every ``controller.interval_s``, move the threshold toward the cheapest one
+        that holds the target on this replica's recent answers (routing/controller.py). Answers of another student
+        or teacher version are not evidence about this one; a swap starts again from the bundle's threshold."""
+        routing = self.config.routing
+        if routing.target_agreement is None or time.monotonic() - self._controlled_at < routing.controller.interval_s:
+            return
+        self._controlled_at = time.monotonic()
+        settings = routing.controller
+        controller = ThresholdController(routing.target_agreement, settings.min_threshold, settings.max_threshold,
+                                         settings.max_step, settings.min_records)
+        with self._swap_lock:
+            snapshot = self.router.snapshot
+            if snapshot is None:
+                return
+            evidence = self.router.evidence.evidence()
+            if evidence is not None and (evidence.student_version, evidence.teacher_version) != (
+                    snapshot.bundle.version, snapshot.bundle.teacher_version):
+                evidence = None
+            step = controller.step(snapshot.policy.threshold, evidence)
+            self._controller_step = step
+            self.metrics.controller(step.wanted)
+            if step.threshold != snapshot.policy.threshold:
+                policy = dataclasses.replace(snapshot.policy, threshold=step.threshold)
+                self.router.snapshot = Snapshot(snapshot.bundle, snapshot.student, policy)
+                logger.info("threshold %.4f -> %.4f (target agreement %.3f; %s)", snapshot.policy.threshold,
+                            step.threshold, routing.target_agreement, step.reason)
 
     @staticmethod
     def _manifest_changed(bundle: Bundle) -> bool:
@@ -464,6 +497,8 @@ class Gateway:
             "replica": serve.get_replica_context().replica_id.unique_id,
             "student_version": self.bundle.version,
             "threshold": self.policy.threshold,
+            "threshold_controller": None if self.config.routing.target_agreement is None or (
+                step := self._controller_step) is None else dataclasses.asdict(step),
             "confidence_measure": self.policy.measure.value,
             "teacher_share": self.router.gate.share(),
             "teacher_breaker": self.router.breaker.state.value,

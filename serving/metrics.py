@@ -34,7 +34,7 @@ EXPORTED = (
     "cascade_queue_retried_total", "cascade_queue_backlog", "cascade_cost_dollars_total",
     "cascade_teacher_only_cost_dollars_total", "cascade_model_info", "cascade_model_texts_total",
     "cascade_live_agreement", "cascade_live_accuracy", "cascade_live_evidence",
-    "cascade_teacher_breaker_state",
+    "cascade_teacher_breaker_state", "cascade_threshold_wanted",
 )
 
 
@@ -73,6 +73,9 @@ class GatewayMetrics:
         self.confidence = Histogram("cascade_confidence", description="Calibrated student confidence.",
                                     boundaries=CONFIDENCE_BUCKETS)
         self.threshold = Gauge("cascade_threshold", description="Live deferral threshold.")
+        self.threshold_wanted = Gauge("cascade_threshold_wanted", description="The threshold this replica's recent "
+                                      "answers ask for to hold routing.target_agreement; cascade_threshold moves "
+                                      "toward it by at most routing.controller.max_step per update.")
         self.teacher_share = Gauge("cascade_teacher_share", description="Share of auto-routed texts the teacher "
                                    "took over the budget window.")
         self.teacher_budget = Gauge("cascade_teacher_share_budget", description="Configured largest teacher share.")
@@ -140,6 +143,11 @@ class GatewayMetrics:
         self.threshold.set(threshold)
         self.teacher_share.set(share)
         self.teacher_budget.set(budget)
+
+    def controller(self, wanted: float | None) -> None:
+        """The threshold controller's aim (None: too little evidence yet, the series goes stale)."""
+        if wanted is not None:
+            self.threshold_wanted.set(wanted)
 
     def live_estimates(self, agreement: Any, accuracy: Any) -> None:
         """``routing.estimate.Interval``s (or None: no evidence yet, nothing set, the series goes stale)."""

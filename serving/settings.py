@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from records.queue import QueueSettings, default_queue_url
 from routing.confidence import ConfidenceMeasure
@@ -27,11 +27,43 @@ class ModelSettings(BaseModel):
                                    "promotion or rollback (then swaps without a restart).")
 
 
+class ControllerSettings(BaseModel):
+    """How far and how fast the gateway may move its threshold to hold ``routing.target_agreement``."""
+
+    min_threshold: float = Field(0.0, ge=0.0, le=1.0, description="Lowest threshold it may serve.")
+    max_threshold: float = Field(1.0, ge=0.0, le=1.0, description="Highest threshold it may serve: the limit on "
+                                 "what quality may cost in teacher calls.")
+    max_step: float = Field(0.02, gt=0.0, le=1.0, description="Largest change per update: a run of estimates "
+                            "moves it, one noisy estimate does not.")
+    interval_s: float = Field(30.0, gt=0.0, description="Seconds between updates.")
+    min_records: int = Field(200, ge=1, description="Recent teacher answers (shadow and fallback) needed before "
+                             "it moves at all.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ControllerSettings:
+        if self.min_threshold > self.max_threshold:
+            raise ValueError(f"min_threshold {self.min_threshold} is above max_threshold {self.max_threshold}")
+        return self
+
+
 class RoutingSettings(BaseModel):
     """When the student defers to the teacher."""
 
     threshold: float | None = Field(None, ge=0.0, le=1.0, description="Overrides the bundle's threshold.")
     confidence_measure: ConfidenceMeasure | None = Field(None, description="Overrides the bundle's measure.")
+    target_agreement: float | None = Field(None, gt=0.0, lt=1.0, description="Hold this agreement with the "
+                                           "teacher on live traffic: each replica moves its threshold from its "
+                                           "shadow and fallback answers (routing/controller.py), starting from "
+                                           "the bundle's. Needs a shadow share above 0. None: the threshold is "
+                                           "the bundle's (or `threshold`).")
+    controller: ControllerSettings = Field(default_factory=ControllerSettings)
+
+    @model_validator(mode="after")
+    def _one_threshold_source(self) -> RoutingSettings:
+        if self.threshold is not None and self.target_agreement is not None:
+            raise ValueError("set routing.threshold (a fixed threshold) or routing.target_agreement (the gateway "
+                             "moves it), not both")
+        return self
 
 
 class StudentSettings(BaseModel):
@@ -147,6 +179,15 @@ class GatewayConfig(BaseModel):
     queue: QueueSettings = Field(default_factory=QueueSettings)
     cost: CostSettings = Field(default_factory=CostSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+
+    @model_validator(mode="after")
+    def _controller_has_evidence(self) -> GatewayConfig:
+        # Without shadow answers the only evidence is deferred texts, which agree with the teacher by
+        # construction: the estimate would read 100% and the controller would lower the threshold blindly.
+        if self.routing.target_agreement is not None and self.shadow.share <= 0:
+            raise ValueError("routing.target_agreement needs shadow.share above 0: the shadow answers are the "
+                             "controller's evidence about the texts the student serves")
+        return self
 
 
 # HAProxy keeps this much of its buffer free for header rewrites (its tune.maxrewrite default, 1 KiB), so a
