@@ -23,6 +23,7 @@ false-promotion rate with no new information. Everything goes over HTTP to 127.0
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -144,6 +146,33 @@ def _serve_config(port: int, hold_agreement: float | None = None) -> dict:
     return config
 
 
+@contextlib.contextmanager
+def _private_gateway(home: Path, port: int, config: dict) -> Iterator[tuple[Path, dict[str, str], str]]:
+    """`cascade serve` with ``config`` on a private copy of ``home`` (no API key); yields (its model home, its
+    environment, its URL) once ready, and stops it and removes the copy on the way out."""
+    demo_home = _private_home(home)
+    config_path = demo_home / "serve.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = os.environ | {"CASCADE_HOME": str(demo_home)}
+    env.pop("CASCADE_API_KEY", None)
+    env.pop("CASCADE_API_KEY_FILE", None)
+    url = f"http://127.0.0.1:{port}"
+    with (demo_home / "serve.log").open("w") as log:
+        server = subprocess.Popen([_cascade(), "serve", "--port", str(port), "--config", str(config_path), "--no-fast",
+                                   "--metrics-port", str(port + 1)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                  start_new_session=True)
+        try:
+            wait_ready(url, "/v2/health/ready", 900, server)
+            yield demo_home, env, url
+        finally:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+    shutil.rmtree(demo_home, ignore_errors=True)
+
+
 def run_once(home: Path, seed: int, port: int, distill_config: Path | None, texts: int | None) -> dict:
     """One run on a private copy of the bundle; returns its measurements (see the module docstring)."""
     amazon = load_amazon_snippets()
@@ -153,21 +182,9 @@ def run_once(home: Path, seed: int, port: int, distill_config: Path | None, text
     holdout, stream = order[:cut], order[cut:]  # the permutation is also the stream order
     held_texts, held_labels = [amazon.texts[i] for i in holdout], amazon.labels[holdout]
     feedback = stream[: min(FEEDBACK_TEXTS, len(stream) // 3)]
-    demo_home = _private_home(home)
-    config_path = demo_home / "serve.yaml"
-    config_path.write_text(yaml.safe_dump(_serve_config(port)))
-    env = os.environ | {"CASCADE_HOME": str(demo_home)}
-    env.pop("CASCADE_API_KEY", None)
-    env.pop("CASCADE_API_KEY_FILE", None)
-    log = (demo_home / "serve.log").open("w")
-    print(f"\nrun seed={seed}: model home {demo_home}; {len(stream)} Amazon texts streamed "
-          f"({len(feedback)} with true labels via /v1/feedback), {len(held_texts)} held out", flush=True)
-    server = subprocess.Popen([_cascade(), "serve", "--port", str(port), "--config", str(config_path), "--no-fast",
-                               "--metrics-port", str(port + 1)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                              start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, "/v2/health/ready", 900, server)
+    with _private_gateway(home, port, _serve_config(port)) as (demo_home, env, url):
+        print(f"\nrun seed={seed}: model home {demo_home}; {len(stream)} Amazon texts streamed "
+              f"({len(feedback)} with true labels via /v1/feedback), {len(held_texts)} held out", flush=True)
         with httpx.Client(base_url=url, timeout=120) as client:
             status = client.get("/v1/status").json()
             threshold, measure = status["threshold"], status["confidence_measure"]
@@ -213,14 +230,6 @@ def run_once(home: Path, seed: int, port: int, distill_config: Path | None, text
                 new_probs, _, new_version = _answers(client, held_texts, "student")
             elif outcome.get("version"):  # registered, not promoted: measured offline, never served
                 new_probs, new_version = _candidate_probs(demo_home, outcome["version"], held_texts), outcome["version"]
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
-    shutil.rmtree(demo_home, ignore_errors=True)
     # Disagreement with the teacher = 1 - agreement; a paired comparison of the two students on the same texts.
     agreement = Paired.of(teacher, old_probs.argmax(-1), new_probs.argmax(-1))
     low, high = agreement.difference_bounds()
@@ -267,51 +276,31 @@ def hold_once(home: Path, seed: int, port: int, target: float, texts: int | None
     cut = int(len(order) * HOLDOUT_SHARE)
     holdout, stream = order[:cut], order[cut:]
     held_texts = [amazon.texts[i] for i in holdout]
-    demo_home = _private_home(home)
-    config_path = demo_home / "serve.yaml"
-    config_path.write_text(yaml.safe_dump(_serve_config(port, target)))
-    env = os.environ | {"CASCADE_HOME": str(demo_home)}
-    env.pop("CASCADE_API_KEY", None)
-    env.pop("CASCADE_API_KEY_FILE", None)
-    log = (demo_home / "serve.log").open("w")
     print(f"\nhold seed={seed}: {len(stream)} Amazon texts streamed, {len(held_texts)} held out; target {target}",
           flush=True)
-    server = subprocess.Popen([_cascade(), "serve", "--port", str(port), "--config", str(config_path), "--no-fast",
-                               "--metrics-port", str(port + 1)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                              start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, "/v2/health/ready", 900, server)
-        with httpx.Client(base_url=url, timeout=120) as client:
-            first = client.get("/v1/status").json()
-            start_threshold, measure = first["threshold"], first["confidence_measure"]
-            student, confidence, _ = _answers(client, held_texts, "student")
-            teacher_probs = _answers(client, held_texts, "teacher")[0]
-            teacher = teacher_probs.argmax(-1)
-            started = time.monotonic()
-            for start in range(0, len(stream), 16):
-                client.post("/v1/classify", json={"texts": [amazon.texts[i] for i in stream[start : start + 16]]}
-                            ).raise_for_status()
-            streamed_s = time.monotonic() - started
-            # No new evidence after the stream: each replica walks to what its evidence asks for, then stays.
-            deadline, replicas = time.monotonic() + 120, {}
-            while time.monotonic() < deadline:
-                for _ in range(20):
-                    status = client.get("/v1/status").json()
-                    replicas[status["replica"]] = status
-                steps = [r["threshold_controller"] for r in replicas.values()]
-                if steps and all(step and step["wanted"] is not None and abs(r["threshold"] - step["wanted"]) < 1e-9
-                                 for r, step in zip(replicas.values(), steps, strict=True)):
-                    break
-                time.sleep(1)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
-    shutil.rmtree(demo_home, ignore_errors=True)
+    with (_private_gateway(home, port, _serve_config(port, target)) as (_, _, url),
+          httpx.Client(base_url=url, timeout=120) as client):
+        first = client.get("/v1/status").json()
+        start_threshold, measure = first["threshold"], first["confidence_measure"]
+        student, confidence, _ = _answers(client, held_texts, "student")
+        teacher_probs = _answers(client, held_texts, "teacher")[0]
+        teacher = teacher_probs.argmax(-1)
+        started = time.monotonic()
+        for start in range(0, len(stream), 16):
+            client.post("/v1/classify", json={"texts": [amazon.texts[i] for i in stream[start : start + 16]]}
+                        ).raise_for_status()
+        streamed_s = time.monotonic() - started
+        # No new evidence after the stream: each replica walks to what its evidence asks for, then stays.
+        deadline, replicas = time.monotonic() + 120, {}
+        while time.monotonic() < deadline:
+            for _ in range(20):
+                status = client.get("/v1/status").json()
+                replicas[status["replica"]] = status
+            steps = [r["threshold_controller"] for r in replicas.values()]
+            if steps and all(step and step["wanted"] is not None and abs(r["threshold"] - step["wanted"]) < 1e-9
+                             for r, step in zip(replicas.values(), steps, strict=True)):
+                break
+            time.sleep(1)
     before = _cascade_at(start_threshold, student, confidence, teacher)
     after = {name: {"threshold": r["threshold"], "records": r["threshold_controller"]["records"],
                     "agreement_share": _cascade_at(r["threshold"], student, confidence, teacher)}

@@ -332,8 +332,7 @@ class Gateway:
             return
         self._controlled_at = time.monotonic()
         settings = routing.controller
-        controller = ThresholdController(routing.target_agreement, settings.min_threshold, settings.max_threshold,
-                                         settings.max_step, settings.min_records)
+        controller = ThresholdController(routing.target_agreement, **settings.model_dump(exclude={"interval_s"}))
         with self._swap_lock:
             snapshot = self.router.snapshot
             if snapshot is None:

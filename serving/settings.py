@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from records.queue import QueueSettings, default_queue_url
 from routing.confidence import ConfidenceMeasure
+from routing.controller import ThresholdController
 
 
 class ModelSettings(BaseModel):
@@ -30,14 +31,18 @@ class ModelSettings(BaseModel):
 class ControllerSettings(BaseModel):
     """How far and how fast the gateway may move its threshold to hold ``routing.target_agreement``."""
 
-    min_threshold: float = Field(0.0, ge=0.0, le=1.0, description="Lowest threshold it may serve.")
-    max_threshold: float = Field(1.0, ge=0.0, le=1.0, description="Highest threshold it may serve: the limit on "
-                                 "what quality may cost in teacher calls.")
-    max_step: float = Field(0.02, gt=0.0, le=1.0, description="Largest change per update: a run of estimates "
-                            "moves it, one noisy estimate does not.")
+    # The defaults are the controller's own (routing/controller.py): one source for both.
+    min_threshold: float = Field(ThresholdController.min_threshold, ge=0.0, le=1.0,
+                                 description="Lowest threshold it may serve.")
+    max_threshold: float = Field(ThresholdController.max_threshold, ge=0.0, le=1.0,
+                                 description="Highest threshold it may serve: the limit on what quality may cost in "
+                                 "teacher calls.")
+    max_step: float = Field(ThresholdController.max_step, gt=0.0, le=1.0,
+                            description="Largest change per update: a run of estimates moves it, one noisy estimate "
+                            "does not.")
     interval_s: float = Field(30.0, gt=0.0, description="Seconds between updates.")
-    min_records: int = Field(200, ge=1, description="Recent teacher answers (shadow and fallback) needed before "
-                             "it moves at all.")
+    min_records: int = Field(ThresholdController.min_records, ge=1,
+                             description="Recent teacher answers (shadow and fallback) needed before it moves at all.")
 
     @model_validator(mode="after")
     def _ordered(self) -> ControllerSettings:
