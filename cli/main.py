@@ -33,6 +33,9 @@ def _fail(message: str) -> None:
 def build(
     home: Home = None,
     tiny: Tiny = False,
+    preset: Annotated[str | None, typer.Option("--preset", help="Settings to start from: full (default: MPNet-base "
+                                               "teacher), minilm (the MiniLM-L6 teacher) or tiny (= --tiny).")
+                      ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="Build configuration YAML (every setting; "
                                                 "`--print-config` shows them). The flags below override it.")] = None,
     print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved configuration as YAML "
@@ -59,7 +62,7 @@ def build(
         "labels": labels and [name.strip() for name in labels.split(",") if name.strip()],
     }.items() if value is not None}
     try:
-        cfg = load_config_file(config, tiny) if config else BuildConfig.preset(tiny)
+        cfg = load_config_file(config, tiny, preset) if config else BuildConfig.preset(tiny, preset)
         cfg = cfg.merged({"data": overrides}) if overrides else cfg
     except BuildInputError as exc:
         _fail(str(exc))

@@ -31,9 +31,9 @@ from bundle.registry import (
     Bundle,
     Registry,
 )
-from bundle.runtime import StudentRuntime
+from bundle.runtime import TEACHER_ONNX_FILE, StudentRuntime
 from bundle.teacher_spec import TeacherSpec
-from distill import train
+from distill import base_models, frozen, train
 from distill.config import BuildConfig, BuildInputError
 from distill.data import Dataset, Splits, load_splits
 from distill.evaluate import (
@@ -44,7 +44,7 @@ from distill.evaluate import (
     thin_curve,
     write_report,
 )
-from distill.export import build_student_onnx
+from distill.export import build_student_onnx, build_teacher_onnx
 from routing.calibration import fit_temperature
 from routing.confidence import ConfidenceMeasure, softmax
 
@@ -79,6 +79,19 @@ class Teacher:
     tokenizer: Any = None
     own_tokenizer: bool = False  # its tokenizer differs from the student's: kept inside teacher/
     columns: list[int] = field(default_factory=list)  # model output columns in the bundle's label order
+    # Answers computed while fine-tuning (train: logits then the pooled last layer; val, test: logits), so
+    # the teacher answers each build text once.
+    answers: dict[str, np.ndarray] = field(default_factory=dict)
+    max_length: int = 64
+
+    def features(self, texts: list[str], desc: str | None = None) -> np.ndarray:
+        """Logits, then the mean-pooled last layer: the targets of the hidden-state loss (local teachers)."""
+        if self.model is None:
+            raise BuildInputError("distillation.hidden_weight needs a teacher whose weights are in the build, "
+                                  "not a remote one: set it to 0")
+        out = train.predict_logits(self.model, self.tokenizer, texts, self.max_length, desc=desc, pooled=True)
+        labels = len(self.columns)
+        return np.concatenate([out[:, :labels][:, self.columns], out[:, labels:]], axis=1)
 
 
 def _data_key(splits: Splits) -> dict[str, Any]:
@@ -93,38 +106,98 @@ def _local_logits(model, tokenizer, max_length: int, columns: list[int]) -> Call
     return logits
 
 
-def fine_tune_teacher(cfg: BuildConfig, splits: Splits, work: Path) -> Teacher:
-    """Fine-tune the base encoder on the data, unless ``work`` holds one trained with the same settings."""
-    settings = cfg.teacher
-    base = settings.base or train.base_model_dir()
-    if not (Path(base) / "config.json").is_file():
+def teacher_base(cfg: BuildConfig) -> Path:
+    """The encoder a fine-tuned teacher starts from: ``teacher.base``, else the bundled one ``base_model`` names."""
+    if cfg.teacher.base is not None:
+        base = Path(cfg.teacher.base)
+    elif cfg.teacher.base_model == "mpnet-base":
+        base = base_models.mpnet_base()
+    else:
+        base = train.base_model_dir()
+    if not (base / "config.json").is_file():
         raise BuildInputError(f"{base}: teacher.base is not a Hugging Face model directory (no config.json)")
+    return base
+
+
+def fine_tune_teacher(cfg: BuildConfig, splits: Splits, work: Path) -> Teacher:
+    """Fine-tune the base encoder on the data, unless ``work`` holds one trained with the same settings.
+
+    With ``teacher.frozen_layers``, the lower layers' outputs are computed once for train, val and test
+    (distill/frozen.py) and the teacher's answers on those texts come from the same cache, kept in ``work``.
+    """
+    settings = cfg.teacher
+    base = teacher_base(cfg)
     precision = train.resolve_precision(cfg.precision)
+    labels = splits.train.label_names
+    weights = train.class_weights(splits.train.labels, len(labels), cfg.class_weights)
     key = {"recipe": "length-bucketed batches", "kind": "fine-tune", "base": str(base), "max_length": cfg.max_length,
-           "seed": cfg.seed, "precision": precision} \
-        | settings.model_dump(include={"layers", "epochs", "lr", "batch_size"}) | _data_key(splits)
+           "seed": cfg.seed, "precision": precision, "class_weights": cfg.class_weights} \
+        | settings.model_dump(include={"layers", "epochs", "lr", "batch_size", "frozen_layers"}) | _data_key(splits)
     teacher_dir = work / "teacher"
     done = teacher_dir / "cascade_done.json"
+    answers_file = work / "teacher_answers.npz"
     tokenizer = train.load_tokenizer(base)
+    answers: dict[str, np.ndarray] = {}
     if done.is_file() and json.loads(done.read_text()).get("settings") == key:
         tqdm.write(f"teacher: reusing {teacher_dir}")
         from transformers import AutoModelForSequenceClassification
 
         model = AutoModelForSequenceClassification.from_pretrained(
             str(teacher_dir), local_files_only=True, use_safetensors=True).eval()
+        if answers_file.is_file():
+            with np.load(answers_file) as saved:
+                answers = {name: saved[name] for name in saved.files}
     else:
-        model = train.new_teacher(splits.train.label_names, base, settings.layers, seed=cfg.seed)
-        model, _ = train.fit(
-            model, tokenizer, splits.train, splits.val, epochs=settings.epochs, lr=settings.lr,
-            batch_size=settings.batch_size, max_length=cfg.max_length, loss_fn=train.hard_label_loss,
-            bucket_by_length=True, seed=cfg.seed, precision=precision, desc="teacher fine-tune",
-        )
+        model = train.new_teacher(labels, base, settings.layers, seed=cfg.seed)
+        if settings.frozen_layers:
+            model, answers = _fit_upper_layers(cfg, model, tokenizer, splits, precision, weights)
+        else:
+            model, _ = train.fit(
+                model, tokenizer, splits.train, splits.val, epochs=settings.epochs, lr=settings.lr,
+                batch_size=settings.batch_size, max_length=cfg.max_length,
+                loss_fn=train.weighted_hard_label_loss(weights), bucket_by_length=True, seed=cfg.seed,
+                precision=precision, score=lambda logits: frozen.balanced_accuracy(logits.argmax(-1),
+                                                                                   splits.val.labels),
+                desc="teacher fine-tune",
+            )
         shutil.rmtree(teacher_dir, ignore_errors=True)
+        answers_file.unlink(missing_ok=True)
         model.save_pretrained(str(teacher_dir), safe_serialization=True)
+        if answers:
+            np.savez(answers_file, **answers)
         done.write_text(json.dumps({"settings": key}))
-    columns = list(range(len(splits.train.label_names)))
+    columns = list(range(len(labels)))
     return Teacher("fine-tune", _local_logits(model, tokenizer, cfg.max_length, columns), TeacherSpec(), key,
-                   model, tokenizer, own_tokenizer=False, columns=columns)
+                   model, tokenizer, own_tokenizer=True, columns=columns, answers=answers,
+                   max_length=cfg.max_length)
+
+
+def _fit_upper_layers(cfg: BuildConfig, model, tokenizer, splits: Splits, precision: str,
+                      weights: torch.Tensor | None) -> tuple[Any, dict[str, np.ndarray]]:
+    """Cache the frozen layers' outputs once, train the layers above, and answer train, val and test from
+    the cache. Train states are kept in bf16 (training targets); val and test in fp32, as served."""
+    frozen_layers, settings = cfg.teacher.frozen_layers, cfg.teacher
+    total = model.config.num_hidden_layers
+    if frozen_layers >= total:
+        raise BuildInputError(f"teacher.frozen_layers {frozen_layers} leaves none of the base's {total} layers "
+                              "to learn")
+    caches = {
+        part: frozen.lower_states(model, tokenizer, getattr(splits, part).texts, cfg.max_length, frozen_layers,
+                                  precision if part == "train" else "fp32",
+                                  desc=f"teacher layers 1-{frozen_layers}, {part} texts")
+        for part in ("train", "val", "test")
+    }
+    model, _ = frozen.fit_upper(
+        model, caches["train"], splits.train.labels, caches["val"], splits.val.labels, frozen_layers=frozen_layers,
+        epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, seed=cfg.seed,
+        precision=precision, weights=weights, desc=f"teacher fine-tune (layers {frozen_layers + 1}-{total})",
+    )
+    labels = len(splits.train.label_names)
+    answers = {part: frozen.cached_features(model, cache, frozen_layers, pooled=part == "train",
+                                            precision=precision if part == "train" else "fp32")
+               for part, cache in caches.items()}
+    answers["val"], answers["test"] = answers["val"][:, :labels], answers["test"][:, :labels]
+    return model, answers
 
 
 def checkpoint_columns(id2label: dict[int, str], labels: tuple[str, ...], where: Path) -> list[int]:
@@ -214,13 +287,19 @@ def initial_student(cfg: BuildConfig, teacher: Teacher, labels: tuple[str, ...])
     if init == "auto":
         init = "teacher" if teacher.model is not None and train.is_bert_family(teacher.model) else "minilm"
     if init == "minilm":
-        student, tokenizer = train.student_from_minilm(labels, cfg.student.layers, seed=cfg.seed)
+        try:
+            student, tokenizer = train.student_from_minilm(labels, cfg.student.layers, seed=cfg.seed,
+                                                           hidden_size=cfg.student.hidden_size)
+        except ValueError as exc:
+            raise BuildInputError(str(exc)) from exc
         return student, tokenizer, init
     if teacher.model is None:
         raise BuildInputError("student.init 'teacher' needs a teacher whose weights are in the build "
                               "(not a remote one): use 'auto' or 'minilm'")
     try:
         student = train.student_from_teacher(teacher.model, cfg.student.layers)
+        if cfg.student.hidden_size is not None and cfg.student.hidden_size != student.config.hidden_size:
+            student = train.narrowed(student, cfg.student.hidden_size)
     except ValueError as exc:
         raise BuildInputError(str(exc)) from exc
     if teacher.columns != list(range(len(labels))):  # the head's rows in the bundle's label order
@@ -232,33 +311,81 @@ def initial_student(cfg: BuildConfig, teacher: Teacher, labels: tuple[str, ...])
     return student, teacher.tokenizer, init
 
 
-def distill_student(cfg: BuildConfig, student, tokenizer, teacher: Teacher, splits: Splits, soft_targets: np.ndarray,
-                    val_teacher_logits: np.ndarray, train_set=None, desc: str = "student distillation"):
-    """Train the student on ``alpha * CE + (1 - alpha) * T^2 * KL`` against the teacher's logits.
+def distill_student(cfg: BuildConfig, student, tokenizer, splits: Splits, soft_targets: np.ndarray,
+                    val_teacher_logits: np.ndarray, augmented: train.EpochExtra | None, augmented_size: int = 0,
+                    desc: str = "student distillation"):
+    """Train the student on ``alpha * CE + (1 - alpha) * T^2 * KL`` against the teacher's logits, plus the
+    hidden-state loss where ``distillation.hidden_weight`` is set (``soft_targets`` then carry the teacher's
+    pooled last layer after its logits).
 
-    Each epoch may add teacher-labelled perturbations of the train texts (``distillation.augment``); the epoch
-    kept is the one whose val answers agree most with the teacher's, since agreement is what decides
+    ``augmented`` gives each epoch its teacher-labelled perturbed texts (``augmented_size`` of them); the
+    epoch kept is the one whose val answers agree most with the teacher's, since agreement is what decides
     how much traffic the cascade must defer.
     """
-    train_set = train_set or splits.train
     val_teacher_labels = val_teacher_logits.argmax(-1)
-
     precision = train.resolve_precision(cfg.precision)
-
-    def augmented(_epoch: int, rng: np.random.Generator) -> tuple[list[str], np.ndarray]:
-        texts = train.perturb(train_set.texts, rng)
-        with train.autocast(precision):  # training targets only; a remote teacher is unaffected
-            return texts, teacher.logits(texts, desc="teacher labels")
-
     settings, kd = cfg.student, cfg.distillation
+    labels = splits.train.label_names
+    hidden = None
+    if kd.hidden_weight > 0:
+        hidden = train.HiddenStateDistillation(student.config.hidden_size, soft_targets.shape[1] - len(labels),
+                                               kd.hidden_weight)
+    weights = train.class_weights(splits.train.labels, len(labels), cfg.class_weights)
     return train.fit(
-        student, tokenizer, train_set, splits.val, epochs=settings.epochs, lr=settings.lr,
+        student, tokenizer, splits.train, splits.val, epochs=settings.epochs, lr=settings.lr,
         batch_size=settings.batch_size, max_length=cfg.max_length,
-        loss_fn=train.distillation_loss(kd.alpha, kd.temperature), soft_targets=soft_targets,
-        extra=augmented if kd.augment else None,
+        loss_fn=train.distillation_loss(kd.alpha, kd.temperature, weights), soft_targets=soft_targets,
+        extra=augmented, extra_per_epoch=augmented_size if augmented is not None else None,
         score=lambda logits: float((logits.argmax(-1) == val_teacher_labels).mean()), bucket_by_length=True,
-        seed=cfg.seed, precision=precision, desc=desc,
+        seed=cfg.seed, precision=precision, hidden=hidden, desc=desc,
     )
+
+
+def augmentation(cfg: BuildConfig, teacher: Teacher, train_set: Dataset,
+                 work: Path) -> tuple[train.EpochExtra | None, int]:
+    """Each epoch's teacher-labelled perturbed texts, and how many: none without ``distillation.augment``; a
+    fresh copy each epoch with ``augment_copies`` null; else that many copies answered once and reused."""
+    kd = cfg.distillation
+    if not kd.augment:
+        return None, 0
+    precision = train.resolve_precision(cfg.precision)
+    if kd.augment_copies is None:
+        def fresh(_epoch: int, rng: np.random.Generator) -> tuple[list[str], np.ndarray]:
+            texts = train.perturb(train_set.texts, rng)
+            with train.autocast(precision):  # training targets only; a remote teacher is unaffected
+                return texts, _teacher_targets(cfg, teacher, texts)
+
+        return fresh, len(train_set)
+    texts, targets = labelled_copies(cfg, teacher, train_set, work)
+    return (lambda _epoch, _rng: (texts, targets)), len(texts)
+
+
+def _teacher_targets(cfg: BuildConfig, teacher: Teacher, texts: list[str]) -> np.ndarray:
+    if cfg.distillation.hidden_weight > 0:
+        return teacher.features(texts, desc="teacher labels")
+    return teacher.logits(texts, desc="teacher labels")
+
+
+def labelled_copies(cfg: BuildConfig, teacher: Teacher, train_set: Dataset, work: Path) -> tuple[list[str], np.ndarray]:
+    """``distillation.augment_copies`` perturbed copies of the train texts with the teacher's answers, each
+    text answered once and kept in ``work`` (a 110 M teacher spends about 3 minutes on one copy here)."""
+    copies = cfg.distillation.augment_copies or 1
+    labels = len(train_set.label_names)
+    pooled = teacher.model is not None  # kept whether or not this recipe uses it: a later one may
+    key = {"teacher": teacher.identity, "seed": cfg.seed, "copies": copies, "pooled": pooled,
+           "precision": train.resolve_precision(cfg.precision)}
+    path, key_path = work / "augmented.npz", work / "augmented.json"
+    if path.is_file() and key_path.is_file() and json.loads(key_path.read_text()) == key:
+        with np.load(path) as saved:
+            texts, targets = [str(t) for t in saved["texts"]], saved["targets"]
+    else:
+        rng = np.random.default_rng(cfg.seed + 1)
+        texts = [text for _ in range(copies) for text in train.perturb(train_set.texts, rng)]
+        with train.autocast(train.resolve_precision(cfg.precision)):  # training targets only
+            targets = teacher.features(texts, desc="teacher labels") if pooled else teacher.logits(texts)
+        np.savez(path, texts=np.asarray(texts, dtype=str), targets=targets)
+        key_path.write_text(json.dumps(key))
+    return texts, targets if cfg.distillation.hidden_weight > 0 else targets[:, :labels]
 
 
 def _student_checkpoint(cfg: BuildConfig, teacher: Teacher, splits: Splits, soft: np.ndarray,
@@ -269,7 +396,8 @@ def _student_checkpoint(cfg: BuildConfig, teacher: Teacher, splits: Splits, soft
     student, tokenizer, init = initial_student(cfg, teacher, splits.train.label_names)
     key = {"teacher": teacher.identity, "init": init, "max_length": cfg.max_length, "seed": cfg.seed,
            "precision": train.resolve_precision(cfg.precision),
-           "student": cfg.student.model_dump(), "distillation": cfg.distillation.model_dump()}
+           "student": cfg.student.model_dump(), "distillation": cfg.distillation.model_dump(),
+           "class_weights": cfg.class_weights}
     if done.is_file() and json.loads(done.read_text()).get("settings") == key:
         from transformers import AutoModelForSequenceClassification
 
@@ -277,7 +405,9 @@ def _student_checkpoint(cfg: BuildConfig, teacher: Teacher, splits: Splits, soft
         model = AutoModelForSequenceClassification.from_pretrained(
             str(student_dir), local_files_only=True, use_safetensors=True).eval()
         return model, tokenizer, init, json.loads(done.read_text())["val_agreement"]
-    student, val_agreement = distill_student(cfg, student, tokenizer, teacher, splits, soft, val_teacher)
+    augmented, augmented_size = augmentation(cfg, teacher, splits.train, work)
+    student, val_agreement = distill_student(cfg, student, tokenizer, splits, soft, val_teacher, augmented,
+                                             augmented_size)
     shutil.rmtree(student_dir, ignore_errors=True)
     student.save_pretrained(str(student_dir), safe_serialization=True)
     done.write_text(json.dumps({"settings": key, "val_agreement": val_agreement}))
@@ -315,6 +445,21 @@ def calibrate_bundle_dir(staging: Path, cfg: BuildConfig, val_student_logits: np
     }
 
 
+def teacher_answers(cfg: BuildConfig, teacher: Teacher, splits: Splits) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The teacher's train targets (logits, then its pooled last layer where the hidden-state loss is on) and
+    its val and test logits: from the fine-tuning cache where it has them, else asked now."""
+    labels = len(splits.train.label_names)
+    hidden = cfg.distillation.hidden_weight > 0
+    soft = teacher.answers.get("train")
+    if soft is None or (hidden and soft.shape[1] == labels):
+        with train.autocast(train.resolve_precision(cfg.precision)):  # training targets; val and test stay fp32
+            soft = _teacher_targets(cfg, teacher, splits.train.texts)
+    soft = soft if hidden else soft[:, :labels]
+    val = teacher.answers["val"] if "val" in teacher.answers else teacher.logits(splits.val.texts)
+    test = teacher.answers["test"] if "test" in teacher.answers else teacher.logits(splits.test.texts)
+    return soft, val, test
+
+
 @contextmanager
 def _stage(seconds: dict[str, float], name: str) -> Iterator[None]:
     """Time one build stage: the report keeps where a build's minutes went, so cuts follow measurements."""
@@ -343,10 +488,7 @@ def build(cfg: BuildConfig, home: Path, promote: bool = True) -> Bundle:
         teacher, splits = prepare_teacher(cfg, splits, home, work)
     labels = splits.train.label_names
     with _stage(stages, "teacher logits"):
-        with train.autocast(train.resolve_precision(cfg.precision)):  # training targets; val and test stay fp32
-            soft = teacher.logits(splits.train.texts, desc="teacher soft labels")
-        val_teacher = teacher.logits(splits.val.texts)
-        test_teacher = teacher.logits(splits.test.texts)
+        soft, val_teacher, test_teacher = teacher_answers(cfg, teacher, splits)
     teacher_val = float((val_teacher.argmax(-1) == splits.val.labels).mean())
     with _stage(stages, "student distillation"):
         student, tokenizer, init, student_val_agreement = _student_checkpoint(cfg, teacher, splits, soft,
@@ -354,10 +496,15 @@ def build(cfg: BuildConfig, home: Path, promote: bool = True) -> Bundle:
     registry.root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=registry.root))
     try:
+        teacher_onnx: dict[str, float] | None = None
         if teacher.model is not None:
             teacher.model.save_pretrained(str(staging / TEACHER_DIR), safe_serialization=True)
             if teacher.own_tokenizer:  # serving and evaluation read a tokenizer inside teacher/ before tokenizer/
                 teacher.tokenizer.save_pretrained(str(staging / TEACHER_DIR))
+            with _stage(stages, "teacher onnx export"):
+                teacher_onnx = build_teacher_onnx(teacher.model, teacher.tokenizer, splits.val.texts[:64],
+                                                  cfg.max_length, staging / TEACHER_DIR / TEACHER_ONNX_FILE)
+            tqdm.write(f"fp32 ONNX teacher: {teacher_onnx}")
         student.save_pretrained(str(staging / STUDENT_FP32_DIR), safe_serialization=True)
         tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
         with _stage(stages, "export and int8"):
@@ -378,7 +525,7 @@ def build(cfg: BuildConfig, home: Path, promote: bool = True) -> Bundle:
                             for part, data in (("train", splits.train), ("val", splits.val), ("test", splits.test))},
             "parent_version": registry.current_version(),
             "metrics": {"teacher_val_accuracy": teacher_val, "student_fp32_val_agreement": student_val_agreement,
-                        "quantization": quantization},
+                        "quantization": quantization, "teacher_onnx": teacher_onnx},
             "build": cfg.model_dump(mode="json") | {"student_init": init},
         }
         bundle = registry.publish(staging, fields)

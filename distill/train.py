@@ -102,25 +102,53 @@ def student_from_teacher(teacher: PreTrainedModel, layers: int) -> PreTrainedMod
     return student.eval()
 
 
-def student_from_minilm(labels: tuple[str, ...], layers: int, seed: int = 0) -> tuple[PreTrainedModel, object]:
-    """A student for any teacher: the bundled MiniLM's evenly spaced layers, a fresh head, MiniLM's tokenizer.
+def student_from_minilm(labels: tuple[str, ...], layers: int, seed: int = 0,
+                        hidden_size: int | None = None) -> tuple[PreTrainedModel, object]:
+    """A student for any teacher: the bundled MiniLM's evenly spaced layers, a fresh head, MiniLM's tokenizer,
+    optionally narrowed to ``hidden_size``.
 
     Distillation needs only the teacher's outputs on texts, so the student's architecture and vocabulary
     need not be the teacher's.
     """
-    return student_from_teacher(new_teacher(labels, seed=seed), layers), load_tokenizer(base_model_dir())
+    student = student_from_teacher(new_teacher(labels, seed=seed), layers)
+    if hidden_size is not None and hidden_size != student.config.hidden_size:
+        student = narrowed(student, hidden_size)
+    return student, load_tokenizer(base_model_dir())
+
+
+def narrowed(model: PreTrainedModel, hidden_size: int) -> PreTrainedModel:
+    """A narrower copy: every weight cut to its leading rows and columns (whole attention heads kept).
+
+    Not a trained small model: the cut starts distillation from MiniLM's leading units instead of from
+    random weights, and the distillation loss does the rest (docs/results.md: what it measured).
+    """
+    config = copy.deepcopy(model.config)
+    head = config.hidden_size // config.num_attention_heads
+    if hidden_size > config.hidden_size or hidden_size % head:
+        raise ValueError(f"student.hidden_size {hidden_size} must be at most {config.hidden_size} and a multiple "
+                         f"of the head width {head}")
+    config.intermediate_size = config.intermediate_size * hidden_size // config.hidden_size
+    config.num_attention_heads = hidden_size // head
+    config.hidden_size = hidden_size
+    small = type(model)(config)
+    source = model.state_dict()
+    small.load_state_dict({key: source[key][tuple(slice(0, n) for n in value.shape)].clone()
+                           for key, value in small.state_dict().items()})
+    return small.eval()
 
 
 @torch.inference_mode()
 def predict_logits(model: PreTrainedModel, tokenizer, texts: list[str], max_length: int,
-                   batch_size: int = 128, desc: str | None = None) -> np.ndarray:
-    """Logits in the order of ``texts``, computed in batches of similar length.
+                   batch_size: int = 128, desc: str | None = None, pooled: bool = False) -> np.ndarray:
+    """Logits in the order of ``texts``, computed in batches of similar length; with ``pooled``, the
+    mean-pooled last hidden layer follows the logits' columns.
 
     Sorting by token count first means each batch pads to its own longest text, not to the longest of a
     random draw: on short, uneven snippets that is most of the padding, and inference time with it.
     """
     model.eval()
-    out = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
+    width = model.config.num_labels + (model.config.hidden_size if pooled else 0)
+    out = np.zeros((len(texts), width), dtype=np.float32)
     if not texts:
         return out
     lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
@@ -128,7 +156,11 @@ def predict_logits(model: PreTrainedModel, tokenizer, texts: list[str], max_leng
     for start in tqdm(range(0, len(texts), batch_size), desc=desc, disable=desc is None, leave=False):
         index = order[start : start + batch_size]
         batch = encode(tokenizer, [texts[i] for i in index], max_length)
-        out[index] = model(**batch).logits.float().numpy()
+        outputs = model(**batch, output_hidden_states=pooled)
+        parts = [outputs.logits.float()]
+        if pooled:
+            parts.append(mean_pool(outputs.hidden_states[-1].float(), batch["attention_mask"]))
+        out[index] = torch.cat(parts, dim=-1).numpy()
     return out
 
 
@@ -136,11 +168,35 @@ def hard_label_loss(logits: torch.Tensor, labels: torch.Tensor, _soft: torch.Ten
     return F.cross_entropy(logits, labels)
 
 
-def distillation_loss(alpha: float, temperature: float) -> LossFn:
-    """``alpha * CE(hard) + (1 - alpha) * T^2 * KL(teacher_T || student_T)`` (Hinton et al.)."""
+def weighted_hard_label_loss(weights: torch.Tensor | None) -> LossFn:
+    """Cross-entropy with a weight per label (``class_weights``); None is plain cross-entropy."""
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor, _soft: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels, weight=weights)
+
+    return loss
+
+
+def class_weights(labels: np.ndarray, classes: int, scheme: str) -> torch.Tensor | None:
+    """Per-label loss weights: ``balanced`` is ``n / (classes * count)``, ``sqrt`` its square root, both
+    rescaled so the average weight over the training texts is 1 (the learning rate keeps its meaning);
+    ``none`` is None. A rare label otherwise contributes so little loss that a model may never answer it."""
+    if scheme == "none":
+        return None
+    counts = np.bincount(labels, minlength=classes).astype(np.float64)
+    weights = len(labels) / (classes * np.maximum(counts, 1.0))
+    if scheme == "sqrt":
+        weights = np.sqrt(weights)
+    weights = weights * len(labels) / float((weights * counts).sum())
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def distillation_loss(alpha: float, temperature: float, weights: torch.Tensor | None = None) -> LossFn:
+    """``alpha * CE(hard) + (1 - alpha) * T^2 * KL(teacher_T || student_T)`` (Hinton et al.); the hard
+    term may weigh labels (``class_weights``)."""
 
     def loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        hard = F.cross_entropy(logits, labels)
+        hard = F.cross_entropy(logits, labels, weight=weights)
         soft = F.kl_div(
             F.log_softmax(logits / temperature, dim=-1),
             F.log_softmax(teacher_logits / temperature, dim=-1),
@@ -150,6 +206,32 @@ def distillation_loss(alpha: float, temperature: float) -> LossFn:
         return alpha * hard + (1.0 - alpha) * temperature**2 * soft
 
     return loss
+
+
+class HiddenStateDistillation(torch.nn.Module):
+    """Teaches the student the teacher's sentence representation, not only its logits (TinyBERT, MiniLM).
+
+    The student's last hidden layer, mean-pooled over its tokens, goes through a learned projection to the
+    teacher's width; the loss is ``weight * (1 - cosine)`` against the teacher's mean-pooled last layer.
+    Pooled, because a teacher of another family tokenizes differently (MPNet's vocabulary is not MiniLM's),
+    so token positions do not line up. The projection is discarded after training.
+    """
+
+    def __init__(self, student_width: int, teacher_width: int, weight: float) -> None:
+        super().__init__()
+        self.projection = torch.nn.Linear(student_width, teacher_width)
+        self.weight = weight
+        self.teacher_width = teacher_width
+
+    def loss(self, hidden: torch.Tensor, mask: torch.Tensor, teacher_pooled: torch.Tensor) -> torch.Tensor:
+        projected = self.projection(mean_pool(hidden.float(), mask))
+        return self.weight * (1.0 - F.cosine_similarity(projected, teacher_pooled, dim=-1)).mean()
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of the unpadded tokens' states (sentence-transformers' pooling)."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
 def perturb(texts: list[str], rng: np.random.Generator, drop: float = 0.15) -> list[str]:
@@ -208,6 +290,7 @@ def fit(
     bucket_by_length: bool = False,
     seed: int = 0,
     precision: Literal["bf16", "fp32"] = "fp32",
+    hidden: HiddenStateDistillation | None = None,
     desc: str = "train",
 ) -> tuple[PreTrainedModel, float]:
     """Train with AdamW and linear decay; keep the epoch with the best val score (selection on val).
@@ -217,14 +300,18 @@ def fit(
     ``score(val_logits)`` defaults to val accuracy. ``bucket_by_length`` batches texts
     of similar length (faster on CPU); off, batches are plain shuffles (the teacher's recipe).
     ``precision`` bf16 runs the forward pass under CPU autocast; the epoch's val score is always fp32, as
-    served. The optimizer is AdamW's fused kernel: on 2 cores it cut a bf16 5-layer step by about a fifth
+    served. With ``hidden``, the last ``hidden.teacher_width`` columns of the soft targets (and of ``extra``'s)
+    are the teacher's pooled representation, and its loss is added. The optimizer is AdamW's fused kernel:
+    on 2 cores it cut a bf16 5-layer step by about a fifth
     (`python -m distill.step_bench`).
     """
     generator = np.random.default_rng(seed)
     torch.manual_seed(seed)
     score = score or (lambda logits: float((logits.argmax(-1) == val.labels).mean()))
     extra_per_epoch = 0 if extra is None else len(train) if extra_per_epoch is None else extra_per_epoch
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, fused=True)
+    params = list(model.parameters()) + (list(hidden.parameters()) if hidden is not None else [])
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=True)
+    width = hidden.teacher_width if hidden is not None else 0
     steps = epochs * max(1, -(-(len(train) + extra_per_epoch) // batch_size))
     warmup = max(1, steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -238,7 +325,7 @@ def fit(
             if extra is not None:
                 more_texts, more_soft = extra(epoch, generator)
                 texts += more_texts
-                labels = np.concatenate([labels, more_soft.argmax(-1)])
+                labels = np.concatenate([labels, more_soft[:, : more_soft.shape[1] - width].argmax(-1)])
                 soft = np.concatenate([soft, more_soft.astype(np.float32)])
             if bucket_by_length:
                 tokens = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
@@ -250,11 +337,14 @@ def fit(
             model.train()
             for index in batches:
                 batch = encode(tokenizer, [texts[i] for i in index], max_length)
+                targets = soft_tensor[index]
                 with autocast(precision):
-                    logits = model(**batch).logits
-                loss = loss_fn(logits.float(), label_tensor[index], soft_tensor[index])
+                    outputs = model(**batch, output_hidden_states=hidden is not None)
+                loss = loss_fn(outputs.logits.float(), label_tensor[index], targets[:, : targets.shape[1] - width])
+                if hidden is not None:
+                    loss = loss + hidden.loss(outputs.hidden_states[-1], batch["attention_mask"], targets[:, -width:])
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()

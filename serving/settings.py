@@ -115,6 +115,10 @@ class TeacherRuntimeSettings(BaseModel):
                                                    "`ray_actor_options.num_gpus` to place it on a GPU node.")
     remote_url: str | None = Field(None, description="A `remote` teacher's server URL, overriding the one the "
                                    "bundle recorded (the same server under this cluster's name).")
+    engine: Literal["auto", "onnx", "torch"] = Field(
+        "auto", description="A `local` teacher's runtime: `onnx` runs the bundle's fp32 ONNX export on ONNX "
+        "Runtime (CPU), `torch` the safetensors weights on PyTorch; `auto` is ONNX Runtime on a CPU where the "
+        "bundle has the export (faster there, so a deferred text waits less: docs/results.md), else PyTorch.")
 
 
 class TeacherDeploymentConfig(BaseModel):

@@ -68,7 +68,7 @@ class Teacher:
         breaker = None if remote is None else CircuitBreaker(remote.breaker_failures, remote.breaker_reset_s)
         return open_teacher(manifest.teacher, bundle.path, manifest.labels, max_length=manifest.max_length,
                             threads=self.threads, device=runtime.device, remote_url=runtime.remote_url,
-                            breaker=breaker)
+                            breaker=breaker, runtime=runtime.engine)
 
     @staticmethod
     def _close_later(client: TeacherClient) -> None:
