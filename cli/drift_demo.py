@@ -43,7 +43,7 @@ from loadtests.bench import wait_ready
 from routing.calibration import choose_threshold, sweep
 from routing.confidence import ConfidenceMeasure
 from routing.estimate import wilson
-from routing.gate import Paired
+from routing.promotion import Paired
 
 HOLDOUT_SHARE = 0.3
 SEEDS = (7, 8, 9)

@@ -385,7 +385,8 @@ def serve(
         "its nodes need the fast path's RAY_SERVE_* environment themselves, process_limits' RAY_SERVE_HAPROXY_* "
         "included (or use --no-fast).")] = None,
     autoscale: Annotated[bool, typer.Option(
-        help="Serve autoscaling (serving/app.py AUTOSCALING) instead of fixed replicas; the built-in config only.")
+        help="Serve autoscaling (serving/deployment.py AUTOSCALING) instead of fixed replicas; "
+             "the built-in config only.")
     ] = False,
 ) -> None:
     """Start a local Ray (or join one with --address) and the gateway on the current bundle; blocks until interrupted.

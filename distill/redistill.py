@@ -12,7 +12,7 @@ Three disjoint slices of the leased records, fixed by record id so every run agr
   (agreement with the teacher on base val at most ``base_val_drop`` below the current student's);
 - the rest is learnt from.
 
-The gate (routing/gate.py) decides promote, reject or wait with paired tests. A decision needs new
+The gate (routing/promotion.py) decides promote, reject or wait with paired tests. A decision needs new
 evidence: against one current student, a new look is taken only once the held-out slice has grown
 by ``min_new_evidence`` since the last look, and each look spends less alpha (the state is kept in
 ``work/gate_state.json``). Records are acknowledged only after the new version is registered; on
@@ -51,7 +51,7 @@ from distill.data import Dataset, Splits
 from distill.evaluate import evaluate_bundle, teacher_cache_dir, write_report
 from distill.export import build_student_onnx
 from records.queue import DisagreementRecord, Leased, QueueBackend
-from routing.gate import Paired, decide, false_promotion_rate
+from routing.promotion import Paired, decide, false_promotion_rate
 
 
 class RedistillConfig(BaseModel):

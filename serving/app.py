@@ -14,6 +14,9 @@ Deployment options are chosen for a 2-core machine and can be overridden in the 
   and the student path want the same core the teacher goes first. Ray applies the niceness when it
   starts the worker (``RAY_worker_niceness`` in the actor's runtime env, as Ray's job supervisor does),
   so no privilege is needed: the teacher is simply not lowered.
+
+The options themselves (``DEPLOYMENT_OPTIONS``, ``AUTOSCALING``, ``TEACHER_NICENESS``) live in
+``serving/deployment.py``, which the Gateway also reads without importing this module.
 """
 
 from __future__ import annotations
@@ -25,31 +28,12 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve import Application
 
-from serving.deployment import AutoscalingSettings, serve_deployment
+from serving.deployment import AUTOSCALING, DEPLOYMENT_OPTIONS, serve_deployment
 from serving.gateway import Gateway
 from serving.settings import GatewayConfig, ProcessLimits, TeacherDeploymentConfig
 from serving.teacher import Teacher
 
 APP_NAME = "cascade"
-TEACHER_NICENESS = 0
-
-# One source for each deployment's options: used for the deployments below and written into the
-# Serve config (deploy/serve.yaml) by ``default_serve_config``.
-DEPLOYMENT_OPTIONS: dict[str, dict[str, Any]] = {
-    "Gateway": {"num_replicas": 2, "max_ongoing_requests": 256, "max_queued_requests": 512,
-                "ray_actor_options": {"num_cpus": 0.5}, "health_check_period_s": 5},
-    "Teacher": {"num_replicas": 1, "max_ongoing_requests": 32, "max_queued_requests": 64,
-                "ray_actor_options": {"num_cpus": 0.5,
-                                      "runtime_env": {"env_vars": {"RAY_worker_niceness": str(TEACHER_NICENESS)}}},
-                "health_check_period_s": 5},
-}
-
-# Serve autoscaling per deployment, off by default (on 2 cores another replica only adds contention):
-# `cascade serve --autoscale`, `cascade serve-config --autoscale` or the chart's serve.<name>.autoscaling.enabled.
-AUTOSCALING: dict[str, AutoscalingSettings] = {
-    "Gateway": AutoscalingSettings(min_replicas=1, max_replicas=4, target_ongoing_requests=16.0),
-    "Teacher": AutoscalingSettings(min_replicas=1, max_replicas=4, target_ongoing_requests=8.0),
-}
 
 GatewayDeployment = serve.deployment(Gateway, name="Gateway", **DEPLOYMENT_OPTIONS["Gateway"])
 TeacherDeployment = serve.deployment(Teacher, name="Teacher", **DEPLOYMENT_OPTIONS["Teacher"])

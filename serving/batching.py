@@ -10,6 +10,7 @@ is taken when the model becomes free, so a busy model gets full batches and an i
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
@@ -23,22 +24,19 @@ class OpportunisticBatcher(Generic[Item, Result]):
 
     ``run_batch`` must return one result per item, in order. An exception fails every item of its
     batch and no other. A caller that is cancelled (a timeout) is dropped from batches not yet started.
-    ``max_batch_size`` and ``wait_s`` may be changed at any time (live reconfiguration).
+    ``max_batch_size`` and ``wait_s`` may be changed at any time (live reconfiguration). ``clock`` stamps
+    each item as it is queued, for ``oldest_wait``.
     """
 
     def __init__(self, run_batch: Callable[[list[Item]], Awaitable[Sequence[Result]]], max_batch_size: int,
-                 wait_s: float = 0.0) -> None:
+                 wait_s: float = 0.0, clock: Callable[[], float] = time.perf_counter) -> None:
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.wait_s = wait_s
-        self._waiting: deque[tuple[Item, asyncio.Future[Result]]] = deque()
+        self.clock = clock
+        self._waiting: deque[tuple[Item, asyncio.Future[Result], float]] = deque()
         self._worker: asyncio.Task[None] | None = None
         self.running = 0  # items in the batch being run
-        # Wall seconds the queue takes per item while it has work (moving average): from the end of one
-        # batch to the end of the next, so the event loop's turns between batches are counted too. The
-        # model's own time per item is less under load, and admission sized from it lets in more than
-        # the queue can start before a deadline.
-        self.seconds_per_item: float | None = None
 
     @property
     def waiting(self) -> int:
@@ -53,7 +51,7 @@ class OpportunisticBatcher(Generic[Item, Result]):
         (``waiting``) and was admitted is counted in it at once, so a burst that arrives in one turn of
         the event loop cannot all pass the check against the same backlog."""
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._waiting.append((item, future))
+        self._waiting.append((item, future, self.clock()))
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._drain())
         return future
@@ -61,7 +59,7 @@ class OpportunisticBatcher(Generic[Item, Result]):
     def _next_batch(self) -> list[tuple[Item, asyncio.Future[Result]]]:
         batch: list[tuple[Item, asyncio.Future[Result]]] = []
         while self._waiting and len(batch) < self.max_batch_size:
-            item, future = self._waiting.popleft()
+            item, future, _ = self._waiting.popleft()
             if not future.done():  # a cancelled caller no longer needs its answer
                 batch.append((item, future))
         return batch
@@ -71,17 +69,23 @@ class OpportunisticBatcher(Generic[Item, Result]):
         """Items that must run before an item queued now starts: the running batch and the queue."""
         return self.running + len(self._waiting)
 
+    @property
+    def oldest_wait(self) -> float:
+        """Seconds the oldest item still queued has waited (0 when none waits): a wait that happened, not an
+        estimate. It keeps growing only while items arrive faster than batches take them; under a closed loop it
+        stays below the time the queue takes to serve every client once."""
+        while self._waiting and self._waiting[0][1].done():  # cancelled callers wait for nothing
+            self._waiting.popleft()
+        return self.clock() - self._waiting[0][2] if self._waiting else 0.0
+
     async def _drain(self) -> None:
         """Runs batches until nothing waits; started by the first caller after an idle spell."""
-        loop = asyncio.get_running_loop()
-        previous_end: float | None = None
         while self._waiting:
             if self.wait_s > 0 and len(self._waiting) < self.max_batch_size:
                 await asyncio.sleep(self.wait_s)
             batch = self._next_batch()
             if not batch:
                 continue
-            started = loop.time() if previous_end is None else previous_end
             self.running = len(batch)
             try:
                 results = await self.run_batch([item for item, _ in batch])
@@ -91,14 +95,9 @@ class OpportunisticBatcher(Generic[Item, Result]):
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
-                previous_end = None  # a failed batch says nothing about the rate; the next one starts a new span
                 continue
             finally:
                 self.running = 0
-            previous_end = loop.time()
-            per_item = (previous_end - started) / len(batch)
-            self.seconds_per_item = per_item if self.seconds_per_item is None else (
-                0.8 * self.seconds_per_item + 0.2 * per_item)
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)

@@ -1,8 +1,11 @@
-"""Typed Serve deployment options: what the Helm values and their schema say about each deployment.
+"""Serve deployment options: the defaults of each deployment and what the Helm values and their schema say.
 
-``serving/app.py`` holds the defaults (``DEPLOYMENT_OPTIONS``, ``AUTOSCALING``); these models give them
-types, bounds and descriptions, so the chart's values schema is generated from them instead of written by
-hand (``serving/generate.py``). Field names are Serve's own, so a deployment's values are its Serve config.
+``DEPLOYMENT_OPTIONS`` and ``AUTOSCALING`` are the defaults (``serving/app.py`` builds the deployments and
+the Serve config from them; the Gateway reads its own ``max_ongoing_requests`` here outside a replica). The
+models give them types, bounds and descriptions, so the chart's values schema is generated from them instead
+of written by hand (``serving/generate.py``). Field names are Serve's own, so a deployment's values are its
+Serve config. This module imports neither Ray nor the deployments, so both ``serving/app.py`` and
+``serving/gateway.py`` can import it.
 """
 
 from __future__ import annotations
@@ -74,6 +77,27 @@ class TeacherValues(DeploymentValues):
     """The Teacher deployment; ``user_config`` is ``TeacherDeploymentConfig`` (its model follows the Gateway's)."""
 
     user_config: TeacherDeploymentConfig = Field(default_factory=TeacherDeploymentConfig)
+
+
+TEACHER_NICENESS = 0
+
+# One source for each deployment's options: used for the deployments of serving/app.py and written into the
+# Serve config (deploy/serve.yaml) by its ``default_serve_config``.
+DEPLOYMENT_OPTIONS: dict[str, dict[str, Any]] = {
+    "Gateway": {"num_replicas": 2, "max_ongoing_requests": 256, "max_queued_requests": 512,
+                "ray_actor_options": {"num_cpus": 0.5}, "health_check_period_s": 5},
+    "Teacher": {"num_replicas": 1, "max_ongoing_requests": 32, "max_queued_requests": 64,
+                "ray_actor_options": {"num_cpus": 0.5,
+                                      "runtime_env": {"env_vars": {"RAY_worker_niceness": str(TEACHER_NICENESS)}}},
+                "health_check_period_s": 5},
+}
+
+# Serve autoscaling per deployment, off by default (on 2 cores another replica only adds contention):
+# `cascade serve --autoscale`, `cascade serve-config --autoscale` or the chart's serve.<name>.autoscaling.enabled.
+AUTOSCALING: dict[str, AutoscalingSettings] = {
+    "Gateway": AutoscalingSettings(min_replicas=1, max_replicas=4, target_ongoing_requests=16.0),
+    "Teacher": AutoscalingSettings(min_replicas=1, max_replicas=4, target_ongoing_requests=8.0),
+}
 
 
 def serve_deployment(name: str, options: dict[str, Any], autoscaling: AutoscalingSettings,

@@ -46,6 +46,7 @@ from serving.schemas import (
     ErrorResponse,
     FeedbackRequest,
     FeedbackResponse,
+    InferRequest,
     InferResponse,
     ModelMetadata,
     ServerMetadata,
@@ -59,6 +60,12 @@ MODEL_ROUTES = {"cascade": Route.AUTO, "student": Route.STUDENT, "teacher": Rout
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 OPEN_PATHS = ("/v2/health/", "/docs", "/openapi.json", "/redoc")
 MAX_JSON_DEPTH = 64  # far deeper than any valid request; Python's json recurses and fails near 1,000
+# The v2 infer routes read their own body (JSON, or the binary tensor data extension) and may answer in binary.
+INFER_OPENAPI = {**json_body(InferRequest), "responses": {"200": {
+    "content": {oip.BINARY_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+    "headers": {oip.HEADER_LENGTH: {"description": "Bytes of the JSON header before the binary outputs (only when "
+                                                   "an output was asked for as binary data)",
+                                    "schema": {"type": "string"}}}}}}
 
 
 class ApiError(Exception):
@@ -278,7 +285,7 @@ class Gateway:
 
         context = _get_internal_replica_context()
         if context is None:  # constructed outside a Serve replica
-            from serving.app import DEPLOYMENT_OPTIONS
+            from serving.deployment import DEPLOYMENT_OPTIONS
 
             return int(DEPLOYMENT_OPTIONS["Gateway"]["max_ongoing_requests"])
         return int(context._deployment_config.max_ongoing_requests)
@@ -408,6 +415,12 @@ class Gateway:
             if len(text) > limits.max_chars:
                 raise ApiError(422, f"texts[{index}] has {len(text)} characters, over {limits.max_chars}")
 
+    def _check_feedback(self, parsed: FeedbackRequest) -> None:
+        """The texts, and one label per text (label names are checked against the served bundle afterwards)."""
+        self._check_texts(parsed.texts)
+        if len(parsed.labels) != len(parsed.texts):
+            raise ApiError(422, f"{len(parsed.texts)} texts but {len(parsed.labels)} labels: give one label per text")
+
     async def _read_body(self, request: Request) -> bytes:
         body = await request.body()
         if len(body) > self.config.limits.max_body_bytes:
@@ -467,10 +480,7 @@ class Gateway:
             except ValidationError as exc:
                 raise ApiError(422, "invalid request",
                                json.loads(exc.json(include_url=False, include_input=False))) from exc
-            self._check_texts(parsed.texts)
-            if len(parsed.labels) != len(parsed.texts):
-                raise ApiError(422, f"{len(parsed.texts)} texts but {len(parsed.labels)} labels: give one label "
-                               "per text")
+            self._check_feedback(parsed)
             assert self.bundle is not None
             names = self.bundle.manifest.labels
             unknown = sorted({label for label in parsed.labels if label not in names})
@@ -550,7 +560,7 @@ class Gateway:
         self._model_route(name)
         return {"name": name, "ready": self.router.snapshot is not None}
 
-    @api.post("/v2/models/{name}/infer", response_model=InferResponse)
+    @api.post("/v2/models/{name}/infer", response_model=InferResponse, openapi_extra=INFER_OPENAPI)
     async def infer(self, name: str, request: Request) -> Response:
         """KServe v2 inference with one BYTES input of texts, as JSON or binary tensor data."""
         return await self._infer(name, request)
@@ -565,7 +575,7 @@ class Gateway:
         self._served_version(name, version)
         return await self.model_ready(name)
 
-    @api.post("/v2/models/{name}/versions/{version}/infer", response_model=InferResponse)
+    @api.post("/v2/models/{name}/versions/{version}/infer", response_model=InferResponse, openapi_extra=INFER_OPENAPI)
     async def infer_version(self, name: str, version: str, request: Request) -> Response:
         self._served_version(name, version)
         return await self._infer(name, request)

@@ -23,13 +23,11 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from serving.schemas import InferRequest, InferRequestedOutput
+from serving.schemas import OUTPUTS, InferRequest, InferRequestedOutput
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 EXTENSIONS = ["binary_tensor_data"]
 BINARY_CONTENT_TYPE = "application/octet-stream"
-# Output name -> datatype, in the order the model metadata lists them and a request without `outputs` gets them.
-OUTPUTS = {"label": "BYTES", "probabilities": "FP32", "served_by": "BYTES", "degraded": "BOOL"}
 # Little-endian numpy dtypes of the fixed-size datatypes the gateway sends (BYTES is length-prefixed instead).
 FIXED_DTYPES = {"BOOL": np.dtype("?"), "FP32": np.dtype("<f4")}
 _LENGTH = struct.Struct("<I")

@@ -45,7 +45,10 @@ def main() -> None:
     parser.add_argument("--min-texts", type=int, default=80)
     parser.add_argument("--max-texts", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rare", metavar="TOPIC=N", help="Keep only N statements of TOPIC (a seeded draw): an "
+                        "imbalanced variant, to check that a rare label is still learnt.")
     args = parser.parse_args()
+    rare_topic, rare_count = (args.rare.split("=", 1)[0], int(args.rare.split("=", 1)[1])) if args.rare else ("", 0)
     topics = statements(corpus_dir())
     seen = Counter(text for texts in topics.values() for text in texts)
     rng = random.Random(args.seed)
@@ -58,6 +61,9 @@ def main() -> None:
         if len(unique) > args.max_texts:
             print(f"cut {topic}: {len(unique)} -> {args.max_texts} statements (seed {args.seed})")
             unique = sorted(rng.sample(unique, args.max_texts))
+        if topic == rare_topic:
+            print(f"made {topic} rare: {len(unique)} -> {rare_count} statements (seed {args.seed})")
+            unique = sorted(rng.sample(unique, rare_count))
         rows += [{"text": text, "label": topic} for text in unique]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", encoding="utf-8") as handle:

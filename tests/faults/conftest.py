@@ -15,8 +15,8 @@ import pytest
 from loadtests.faults import FaultRow, append_row, table
 from tests.integration.conftest import API_KEY, apply_config
 
-# `make faults` writes the table the docs quote (tracked); the subset in `make test` writes to the ignored
-# latest/ folder, so a test run leaves the checkout clean.
+# Both under loadtests/reports/, which git ignores (a run leaves the checkout clean): `make faults` writes the full
+# table there, the subset in `make test` writes to latest/ so it never overwrites a full run's table.
 _REPORTS = Path(__file__).resolve().parents[2] / "loadtests" / "reports"
 ROWS = (_REPORTS if os.environ.get("CASCADE_FAULTS") == "all" else _REPORTS / "latest") / "faults.jsonl"
 REPORT = ROWS.with_suffix(".md")

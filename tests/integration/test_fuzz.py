@@ -31,9 +31,9 @@ SCHEMATHESIS = str(Path(sys.executable).with_name("st"))
 CONTRACT = ["not_a_server_error", "status_code_conformance", "content_type_conformance",
             "response_headers_conformance", "response_schema_conformance"]
 # Schema-valid must mean accepted where the document can say everything the endpoint checks. /v1/feedback's
-# labels are the served bundle's label names, one per text; the v2 infer bodies are tensors whose shape must
-# match their data and whose model name must be served: none of that fits in a static JSON Schema, so there a
-# refusal only has to be documented (the contract checks above), not avoided.
+# labels are the served bundle's label names; the v2 infer routes' model name must be served, and shapes other
+# than the documented [n] and [n, 1] are accepted when their product counts the texts: none of that fits in a
+# static JSON Schema, so there a refusal only has to be documented (the contract checks above), not avoided.
 ACCEPTS_ALL_VALID = "POST /v1/classify"
 
 

@@ -201,7 +201,7 @@ def _replica_niceness(deployment: str) -> list[int]:
 
 def test_the_teacher_runs_at_a_higher_cpu_priority_than_the_gateway(gateway: Gateway) -> None:
     """A deferred text has the least slack: on a shared node the teacher gets the core first."""
-    from serving.app import TEACHER_NICENESS
+    from serving.deployment import TEACHER_NICENESS
 
     teacher, gateways = _replica_niceness("Teacher"), _replica_niceness("Gateway")
     assert teacher and gateways, (teacher, gateways)

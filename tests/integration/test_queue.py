@@ -17,6 +17,8 @@ from records.queue import DisagreementRecord, QueueBackend, RetentionSettings, S
 from records.writer import RecordWriter
 from tests.servers import redis_server
 
+pytestmark = pytest.mark.integration  # a real redis-server
+
 
 def record(i: int, age_s: float = 0.0) -> DisagreementRecord:
     return DisagreementRecord(text=f"text {i}", student_probs=[0.4, 0.6], teacher_probs=[0.9, 0.1],

@@ -97,29 +97,31 @@ def test_a_wait_lets_a_lone_item_collect_company() -> None:
     assert asyncio.run(scenario()).batches == [[1, 2]]
 
 
-def test_the_backlog_counts_the_running_batch_and_the_drain_rate_includes_the_gaps_between_batches() -> None:
-    """Admission sizes a request's wait from ``backlog * seconds_per_item``: the running batch is ahead of a new
-    item too, and the rate is the queue's wall time per item (the event loop's turns between back-to-back batches
-    included), not the model's time alone."""
+def test_the_backlog_counts_the_running_batch_and_the_oldest_wait_is_the_queues_head() -> None:
+    """Admission reads ``backlog`` (the running batch is ahead of a new item too) and ``oldest_wait``: how long
+    the oldest item not yet started has waited, on the batcher's clock, not counting cancelled callers."""
+    clock = [100.0]
 
-    class SlowLoop(Model):
-        async def __call__(self, items: list[int]) -> list[int]:
-            out = await super().__call__(items)
-            # After the model answers, the loop is busy elsewhere before the next batch can start.
-            asyncio.get_running_loop().call_soon(lambda: __import__("time").sleep(0.08))
-            return out
-
-    async def scenario() -> tuple[int, int, float | None]:
-        batcher = OpportunisticBatcher(SlowLoop(seconds=0.02), max_batch_size=2)
+    async def scenario() -> tuple[list[float], list[int]]:
+        batcher = OpportunisticBatcher(Model(seconds=0.02), max_batch_size=2, clock=lambda: clock[0])
+        waits = [batcher.oldest_wait]  # nothing queued
         first = [batcher.submit(n) for n in (1, 2)]
         await asyncio.sleep(0.005)  # batch [1, 2] is running
-        rest = [batcher.submit(n) for n in (3, 4, 5, 6)]
-        backlog_while_running = batcher.backlog
-        waiting = batcher.waiting
+        waits.append(batcher.oldest_wait)  # nothing waits behind it
+        clock[0] += 1.0
+        gone = batcher.submit(3)
+        clock[0] += 0.5
+        rest = [batcher.submit(n) for n in (4, 5, 6)]
+        counts = [batcher.backlog, batcher.waiting]
+        waits.append(batcher.oldest_wait)  # item 3, queued 0.5 s ago
+        gone.cancel()
+        waits.append(batcher.oldest_wait)  # item 4 now heads the queue
+        clock[0] += 0.25
+        waits.append(batcher.oldest_wait)
         await asyncio.gather(*first, *rest)
-        return backlog_while_running, waiting, batcher.seconds_per_item
+        waits.append(batcher.oldest_wait)
+        return waits, counts
 
-    backlog, waiting, per_item = asyncio.run(scenario())
-    assert (backlog, waiting) == (6, 4)
-    # 0.02 s of model time per 2-item batch is 0.01 s per item; the 0.08 s gaps count as well.
-    assert per_item is not None and per_item > 0.015
+    waits, counts = asyncio.run(scenario())
+    assert counts == [6, 4]  # 2 running + 4 queued
+    assert waits == [0.0, 0.0, 0.5, 0.0, 0.25, 0.0]

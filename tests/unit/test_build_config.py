@@ -17,6 +17,7 @@ from tests.own_model_data import three_label_csv, tiny_config, tiny_distilbert_c
 from tests.servers import free_port
 
 
+@pytest.mark.integration  # runs the CLI in a subprocess
 def test_print_config_shows_every_default_and_reads_back(tmp_path: Path) -> None:
     printed = run_cli("build", "--print-config", home=tmp_path).stdout
     assert BuildConfig.model_validate(yaml.safe_load(printed)) == BuildConfig()
@@ -102,6 +103,7 @@ def _bad_input(case: str, tmp: Path, three_csv: Path) -> tuple[list[str], str]:
     raise AssertionError(case)
 
 
+@pytest.mark.integration  # the tiny bundle (a model build) and the CLI in a subprocess
 @pytest.mark.parametrize("case", ["missing file", "malformed row", "unknown column", "single label", "too few examples",
                                   "checkpoint labels", "unreachable remote"])
 def test_bad_input_fails_with_one_line_and_leaves_the_registry_as_it_was(
@@ -116,6 +118,7 @@ def test_bad_input_fails_with_one_line_and_leaves_the_registry_as_it_was(
     assert _registry_state(tiny_home_copy) == before  # no new version, no .staging-* folder, same current
 
 
+@pytest.mark.integration  # builds a bundle through the CLI
 def test_a_non_bert_checkpoint_teacher_builds_a_bundle_with_a_minilm_student(tmp_path: Path, three_csv: Path) -> None:
     """A DistilBERT checkpoint (random weights: plumbing) whose label order is not the data's sorted order."""
     from bundle.registry import Registry

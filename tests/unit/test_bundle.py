@@ -12,6 +12,8 @@ from bundle.runtime import StudentRuntime, TeacherRuntime
 from distill.config import BuildConfig
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.integration  # the tiny bundle (a model build); several run the CLI in a subprocess
+
 
 def test_bundle_layout_and_manifest(tiny_home: Path) -> None:
     bundle = Registry(tiny_home).load()

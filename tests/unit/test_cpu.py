@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from loadtests import cpu
 
 BURN = "import sys, time\ndef burn(s):\n    end = time.process_time() + s\n    while time.process_time() < end: pass\n"
@@ -20,6 +22,7 @@ def test_components_are_named_from_the_command_line() -> None:
     assert cpu.component("/usr/bin/raylet --node_ip_address=127.0.0.1") == cpu.REST
 
 
+@pytest.mark.integration  # starts a server and a child process
 def test_a_running_process_and_a_finished_child_are_each_counted_where_they_belong() -> None:
     # A live process named as the plain server, and a child (as the load generator is) that exits.
     server = subprocess.Popen([sys.executable, "-c", SERVER, "loadtests.plain_server"], stdin=subprocess.PIPE,

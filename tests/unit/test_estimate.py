@@ -138,6 +138,7 @@ def test_live_accuracy_from_labelled_records() -> None:
     assert accuracy["cascade"].low < 0.75 < accuracy["cascade"].high
 
 
+@pytest.mark.integration  # the tiny bundle (a model build)
 def test_calibrate_from_queue_saves_the_lower_bound_threshold_and_queue_stats_prints_the_estimate(
         tiny_home_copy) -> None:
     import json

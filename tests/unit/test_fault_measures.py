@@ -6,6 +6,8 @@ from __future__ import annotations
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pytest
+
 from loadtests.faults import FaultRow, OpenLoop, Outcome, percentile_ms, recovery_s, table
 
 
@@ -70,6 +72,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.integration  # a local HTTP server on a port, timed
 def test_open_loop_sends_at_its_rate_and_records_every_answer() -> None:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()

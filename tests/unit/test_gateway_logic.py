@@ -243,7 +243,7 @@ def test_a_request_that_could_not_start_before_its_deadline_is_refused_at_once()
         queued = asyncio.create_task(cascade._student_answer(cascade.snapshot, ["sure"] * 8, cascade.clock() + 10))
         await asyncio.sleep(0.05)
         assert cascade._student_batcher.waiting == 8
-        cascade._student_batcher.seconds_per_item = 0.1  # as measured: 1 running + 8 queued texts: 0.9 s > 0.5 s
+        cascade.student_time.observe(0.1, 1)  # as measured: (1 running + 8 queued + 2) x 0.1 s > half of 0.5 s
         try:
             await cascade.classify_texts(["sure c", "sure d"], Route.AUTO)
             refusal = ""
@@ -273,7 +273,7 @@ def test_a_burst_arriving_together_is_checked_against_the_backlog_it_builds() ->
         running = asyncio.create_task(cascade._student_answer(cascade.snapshot, ["sure a"], cascade.clock() + 10))
         await asyncio.sleep(0.05)  # that batch is now blocked in the worker thread; nothing waits
         # 1 running, 2 texts each: the 3rd would start 0.28 s from now, past half the 0.5 s deadline.
-        cascade._student_batcher.seconds_per_item = 0.04
+        cascade.student_time.observe(0.04, 1)  # the model's own time per text
         burst = [asyncio.create_task(cascade.classify_texts([f"sure {k}", f"sure {k}!"], Route.AUTO))
                  for k in range(5)]
         await asyncio.sleep(0.05)

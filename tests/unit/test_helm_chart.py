@@ -18,6 +18,8 @@ from serving.app import AUTOSCALING
 from serving.generate import SQLITE_ONE_NODE
 from serving.settings import TeacherDeploymentConfig
 
+pytestmark = pytest.mark.integration  # runs helm and kubernetes-validate in subprocesses
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "cascade"
 HELM = ROOT / ".tools" / "helm"

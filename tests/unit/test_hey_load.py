@@ -14,6 +14,8 @@ import pytest
 
 from loadtests.faults import FaultRow, hey_load
 
+pytestmark = pytest.mark.integration  # runs the real `hey` in subprocesses against a local HTTP server
+
 
 class _Handler(BaseHTTPRequestHandler):
     """/refuse-half: every second request from hey refused (JSON 503 + Retry-After), the rest answered, and every

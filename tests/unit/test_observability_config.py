@@ -30,6 +30,7 @@ def metric_names(expr: str) -> set[str]:
     return set(re.findall(r"\b(cascade_[a-z_]+)\b", expr))
 
 
+@pytest.mark.integration  # runs promtool in a subprocess
 def test_promtool_accepts_config_and_rules() -> None:
     checked = promtool("check", "config", str(DEPLOY / "prometheus.yml"))
     assert checked.returncode == 0, checked.stdout + checked.stderr
@@ -38,6 +39,7 @@ def test_promtool_accepts_config_and_rules() -> None:
     assert "SUCCESS: 7 rules found" in rules.stdout
 
 
+@pytest.mark.integration  # runs promtool in a subprocess
 def test_promtool_rejects_a_broken_rule(tmp_path: Path) -> None:
     broken = tmp_path / "broken.yml"
     broken.write_text("groups:\n  - name: x\n    rules:\n      - alert: X\n"

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from bundle.registry import Registry
 from bundle.runtime import StudentRuntime, TeacherRuntime
@@ -34,12 +35,14 @@ def fill_queue(home: Path, count: int) -> SqliteQueue:
     return queue
 
 
+@pytest.mark.integration  # the tiny bundle (a model build) and a re-distillation
 def test_too_few_records_is_a_skip(tiny_home_copy: Path) -> None:
     queue = fill_queue(tiny_home_copy, 5)
     result = redistill(tiny_home_copy, queue, RedistillConfig(min_records=20))
     assert result.status == "skipped" and "5 queued records" in result.message
 
 
+@pytest.mark.integration  # the tiny bundle (a model build) and a re-distillation
 def test_a_failed_gate_registers_nothing_and_releases_the_records(tiny_home_copy: Path) -> None:
     registry = Registry(tiny_home_copy)
     versions, current = registry.versions(), registry.current_version()
@@ -69,6 +72,7 @@ def test_a_failed_gate_registers_nothing_and_releases_the_records(tiny_home_copy
     assert 0 <= gate["new_test_agreement"] <= 1
 
 
+@pytest.mark.integration  # the tiny bundle (a model build) and a re-distillation
 def test_wait_without_enough_held_out_traffic_or_without_new_evidence(tiny_home_copy: Path) -> None:
     queue = fill_queue(tiny_home_copy, 30)
     result = redistill(tiny_home_copy, queue, RedistillConfig(min_holdout_records=1000))

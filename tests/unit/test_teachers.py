@@ -30,6 +30,8 @@ from bundle.teachers import (
 from routing.breaker import CircuitBreaker
 from tests.servers import MLServer, free_port, hf_model_settings, hf_teacher_folder, logits_model_settings
 
+pytestmark = pytest.mark.integration  # the tiny bundle (a model build) and MLServer in a subprocess
+
 TEXTS = ["a moving, beautifully acted film", "dull and far too long", "not bad at all", "I walked out",
          "the best thing I saw this year", "an utter mess"]
 
@@ -82,9 +84,35 @@ def test_local_teacher_answers_in_label_order_and_reads_the_manifest(bundle: Bun
     logits = asyncio.run(local.logits(TEXTS))
     assert logits.shape == (len(TEXTS), len(bundle.manifest.labels))
     direct = local.runtime.logits(TEXTS)
-    np.testing.assert_allclose(logits, direct, atol=1e-5)  # length-sorted batching changes nothing
+    np.testing.assert_allclose(logits, direct, atol=1e-4)  # length-sorted batching changes nothing
     opened = open_teacher(bundle.manifest.teacher, bundle.path, bundle.manifest.labels)
     assert isinstance(opened, LocalTeacher) and opened.identity == local.identity and opened.device == "cpu"
+
+
+def test_the_onnx_teacher_answers_the_same_labels_as_pytorch(bundle: Bundle, local: LocalTeacher) -> None:
+    """The gateway's local teacher on either runtime: the build's fp32 export matches PyTorch within 1e-4."""
+    onnx = LocalTeacher(bundle.path, bundle.manifest.labels, bundle.manifest.max_length, runtime="onnx")
+    torch_teacher = LocalTeacher(bundle.path, bundle.manifest.labels, bundle.manifest.max_length, runtime="torch")
+    assert (local.runtime_kind, onnx.runtime_kind, torch_teacher.runtime_kind) == ("onnx", "onnx", "torch")
+    texts = TEXTS * 3 + ["", "!!!", "a " * 80]  # padded batches of uneven length, an empty text, a truncated one
+    on_onnx, on_torch = asyncio.run(onnx.logits(texts)), asyncio.run(torch_teacher.logits(texts))
+    np.testing.assert_allclose(on_onnx, on_torch, atol=1e-4)
+    assert (on_onnx.argmax(-1) == on_torch.argmax(-1)).all()
+    assert onnx.identity == torch_teacher.identity  # one teacher: answers cached under either are shared
+    assert bundle.manifest.metrics["teacher_onnx"]["onnx_vs_torch_max_abs_diff"] < 1e-4
+
+
+def test_a_bundle_without_the_onnx_export_runs_its_teacher_on_pytorch(bundle: Bundle, tmp_path: Path) -> None:
+    import shutil
+
+    from bundle.runtime import TEACHER_ONNX_FILE
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle.path, copy, ignore=shutil.ignore_patterns(TEACHER_ONNX_FILE))
+    labels, length = bundle.manifest.labels, bundle.manifest.max_length
+    assert LocalTeacher(copy, labels, length).runtime_kind == "torch"
+    with pytest.raises(FileNotFoundError, match=f"no {TEACHER_ONNX_FILE} in this bundle"):
+        LocalTeacher(copy, labels, length, runtime="onnx")
 
 
 def test_cuda_without_a_gpu_is_a_clear_error(bundle: Bundle) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from routing.gate import Paired, decide, false_promotion_rate, look_alpha, mcnemar_p
+from routing.promotion import Paired, decide, false_promotion_rate, look_alpha, mcnemar_p
 
 
 def answers(n: int, old_right: int, new_right: int, both_right: int, seed: int = 0) -> tuple[np.ndarray, ...]:
