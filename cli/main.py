@@ -672,17 +672,32 @@ def bench(
     report: Annotated[Path | None, typer.Option(help="Write the side-by-side report (Markdown, JSON, PNG plots) "
                                                 "here: cascade, teacher only, student only, plain server.")] = None,
     p99_ms: Annotated[float, typer.Option(help="p99 objective for the report's highest sustainable rate.")] = 100.0,
+    model_only: Annotated[bool, typer.Option("--model-only", help="Instead: the student alone, no HTTP and no "
+                                             "server: texts/s and p50/p99 per threads x processes arrangement, "
+                                             "the best, and the batch-1 p50 (--seconds per arrangement).")] = False,
 ) -> None:
     """Load the gateway and a plain single-process ONNX Runtime server over HTTP; print p50/p99 and req/s."""
+    home = _home(home)
+    split = _bundle_test_split(home)
+    texts = split.texts[:500]  # the same texts the HTTP runs send, so the numbers compare
+    if model_only:
+        from bundle.registry import STUDENT_FILES, Registry
+        from loadtests.model_only import StudentSpec, format_model_only, model_only_json, run_model_only
+
+        served = Registry(home).load(verify=STUDENT_FILES)
+        spec = StudentSpec(served.student_path, served.tokenizer_dir, served.manifest.max_length)
+        result = run_model_only(spec, texts, seconds)
+        typer.echo(format_model_only(result))
+        if output:
+            output.write_text(model_only_json(result))
+        return
+
     import subprocess
 
     import httpx
 
     from loadtests.bench import benchmark, format_results, to_json, wait_ready
 
-    home = _home(home)
-    split = _bundle_test_split(home)
-    texts = split.texts[:500]
     started = None
     try:
         httpx.get(f"{url}/v2/health/ready", timeout=2)
