@@ -409,7 +409,7 @@ def _student_checkpoint(cfg: BuildConfig, teacher: Teacher, splits: Splits, soft
     key = {"teacher": teacher.identity, "init": init, "max_length": cfg.max_length, "seed": cfg.seed,
            "precision": train.resolve_precision(cfg.precision),
            "student": cfg.student.model_dump(), "distillation": cfg.distillation.model_dump(),
-           "class_weights": cfg.class_weights}
+           "class_weights": cfg.class_weights, "loss": "class-weighted distillation"}
     if done.is_file() and json.loads(done.read_text()).get("settings") == key:
         from transformers import AutoModelForSequenceClassification
 

@@ -104,9 +104,14 @@ def test_calibrate_writes_the_threshold_for_serving(tiny_home_copy: Path) -> Non
 
 def test_eval_prints_the_report_table(tiny_home_copy: Path) -> None:
     out = run_cli("eval", home=tiny_home_copy).stdout
-    assert "teacher accuracy [95% CI]" in out and "speed-up (p50)" in out and "student file / teacher weights" in out
+    assert "teacher accuracy [95% CI]" in out and "student file / teacher weights" in out
+    assert "speed-up vs ONNX Runtime fp32 teacher (p50)" in out and "speed-up vs PyTorch fp32 teacher (p50)" in out
+    assert "macro-F1 TF-IDF / teacher / student / cascade" in out and "recall 'positive'" in out
     report = json.loads((Registry(tiny_home_copy).load().path / "report.json").read_text())
     evaluation = report["evaluation"]
     assert evaluation["test_texts"] == 160
     assert evaluation["teacher"]["ci_low"] <= evaluation["teacher"]["accuracy"] <= evaluation["teacher"]["ci_high"]
     assert evaluation["size_ratio"] < 1.0
+    assert set(evaluation["teacher_runtimes"]) == {"onnx", "torch"}
+    assert evaluation["teacher_bytes"] == sum(p.stat().st_size for p in
+                                              (Registry(tiny_home_copy).load().teacher_dir).glob("*.safetensors"))

@@ -27,6 +27,22 @@ def test_distillation_loss_matches_its_formula() -> None:
     assert train.distillation_loss(0.0, 2.0)(teacher, labels, teacher).abs() < 1e-6
 
 
+def test_class_weights_weigh_each_text_s_distillation_term_by_its_label() -> None:
+    torch.manual_seed(1)
+    student, teacher = torch.randn(4, 2), torch.randn(4, 2)
+    labels = torch.tensor([0, 0, 0, 1])
+    weights = torch.tensor([0.5, 2.5])
+    per_text = (F.softmax(teacher / 2.0, -1) * (F.log_softmax(teacher / 2.0, -1) - F.log_softmax(student / 2.0, -1))
+                ).sum(-1)
+    expected = 4.0 * (per_text * weights[labels]).sum() / weights[labels].sum()
+    got = train.distillation_loss(0.0, 2.0, weights)(student, labels, teacher)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert not torch.allclose(got, train.distillation_loss(0.0, 2.0)(student, labels, teacher))
+    same = torch.ones(2)
+    assert torch.allclose(train.distillation_loss(0.3, 2.0, same)(student, labels, teacher),
+                          train.distillation_loss(0.3, 2.0)(student, labels, teacher), atol=1e-6)
+
+
 def test_student_is_initialised_from_evenly_spaced_teacher_layers() -> None:
     teacher = train.new_teacher(LABELS)
     student = train.student_from_teacher(teacher, 2)
