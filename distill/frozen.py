@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from distill.train import autocast, length_bucketed_batches, mean_pool
+from distill.train import autocast, length_bucketed_batches, linear_schedule, mean_pool, optimizer_step
 
 Precision = Literal["bf16", "fp32"]
 
@@ -155,9 +155,7 @@ def fit_upper(model: PreTrainedModel, train: LowerStates, train_labels: np.ndarr
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=True)
     steps = epochs * max(1, -(-len(train) // batch_size))
-    warmup = max(1, steps // 10)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (steps - step) / max(1, steps - warmup))))
+    scheduler = linear_schedule(optimizer, steps)
     labels = torch.from_numpy(train_labels)
     best_state, best_score = copy.deepcopy(model.state_dict()), -np.inf
     with tqdm(total=steps, desc=desc, unit="step") as bar:
@@ -168,11 +166,7 @@ def fit_upper(model: PreTrainedModel, train: LowerStates, train_labels: np.ndarr
                 with autocast(precision):
                     logits, _ = upper_outputs(model, hidden, mask, frozen_layers)
                 loss = F.cross_entropy(logits.float(), labels[index], weight=weights)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
+                optimizer_step(loss, params, optimizer, scheduler)
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
             score = balanced_accuracy(cached_features(model, val, frozen_layers).argmax(-1), val_labels)

@@ -273,6 +273,23 @@ def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def linear_schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up over the first tenth of ``steps``, then linear decay to zero."""
+    warmup = max(1, steps // 10)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (steps - step) / max(1, steps - warmup))))
+
+
+def optimizer_step(loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                   scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """Backward, clip the gradient norm at 1, step the optimizer and the schedule."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad()
+
+
 EpochExtra = Callable[[int, np.random.Generator], tuple[list[str], np.ndarray]]
 Score = Callable[[np.ndarray], float]
 
@@ -318,10 +335,7 @@ def fit(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=True)
     width = hidden.teacher_width if hidden is not None else 0
     steps = epochs * max(1, -(-(len(train) + extra_per_epoch) // batch_size))
-    warmup = max(1, steps // 10)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (steps - step) / max(1, steps - warmup)))
-    )
+    scheduler = linear_schedule(optimizer, steps)
     base_soft = np.zeros((len(train), 1), np.float32) if soft_targets is None else soft_targets
     best_state, best_score = copy.deepcopy(model.state_dict()), -np.inf
     with tqdm(total=steps, desc=desc, unit="step") as bar:
@@ -348,11 +362,7 @@ def fit(
                 loss = loss_fn(outputs.logits.float(), label_tensor[index], targets[:, : targets.shape[1] - width])
                 if hidden is not None:
                     loss = loss + hidden.loss(outputs.hidden_states[-1], batch["attention_mask"], targets[:, -width:])
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
+                optimizer_step(loss, params, optimizer, scheduler)
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
             value = score(predict_logits(model, tokenizer, val.texts, max_length))
