@@ -1,7 +1,9 @@
 """Teacher clients: one interface for a teacher in this process (CPU or GPU) and one behind an inference server.
 
-Serving (the Teacher deployment), evaluation, building and re-distillation all get teacher answers through
-``open_teacher``, so nothing assumes the bundle holds teacher weights. A ``remote`` teacher speaks the Open
+Both implement ``bundle.model.Model`` (load, predict logits, ready, close), registered as the kinds a
+manifest names (``local``, ``remote``). Serving (the Teacher deployment), evaluation, building and
+re-distillation all get teacher answers through ``open_teacher``, so nothing assumes the bundle holds
+teacher weights. A ``remote`` teacher speaks the Open
 Inference Protocol v2 over REST (MLServer, KServe, Triton): calls are batched, concurrent, time-limited,
 retried with backoff, and guarded by a circuit breaker, so when the server is down deferred texts fail at
 once (and degrade) instead of each waiting for a timeout.
@@ -16,16 +18,17 @@ import hashlib
 import json
 import sqlite3
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol
 
 import httpx
 import numpy as np
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
+from bundle.model import Model, ThreadedModel, open_model, register
 from bundle.registry import MANIFEST, TEACHER_DIR, TOKENIZER_DIR, Manifest, sha256_file
 from bundle.teacher_spec import RemoteTeacherSettings, TeacherSpec
 
-__all__ = ["LocalTeacher", "RemoteTeacher", "RemoteTeacherSettings", "TeacherClient", "TeacherSpec",
+__all__ = ["LocalTeacher", "RemoteTeacher", "RemoteTeacherSettings", "TeacherSpec",
            "TeacherUnavailable", "open_teacher", "teacher_logits_sync"]
 
 Device = Literal["cpu", "cuda", "auto"]
@@ -35,22 +38,6 @@ PROBABILITY_FLOOR = 1e-12  # log(0) guard when a server answers probabilities
 
 class TeacherUnavailable(RuntimeError):
     """The teacher could not answer (call failed after retries, or the breaker is open); names the URL."""
-
-
-@runtime_checkable
-class TeacherClient(Protocol):
-    """What every teacher offers: logits in the bundle's label order, readiness, and an identity for caches."""
-
-    labels: list[str]
-    identity: str
-
-    async def logits(self, texts: list[str]) -> np.ndarray: ...
-
-    async def ready(self) -> bool: ...
-
-    async def aclose(self) -> None: ...
-
-    def state(self) -> dict[str, Any]: ...
 
 
 # -- local ------------------------------------------------------------------------------------------------
@@ -93,23 +80,30 @@ def resolve_runtime(runtime: TeacherRuntimeKind, device: str, model_dir: Path) -
     return "onnx" if has_onnx and device == "cpu" else "torch"
 
 
-class LocalTeacher:
+@register("local")
+class LocalTeacher(ThreadedModel):
     """The bundle's teacher/ weights on ONNX Runtime or PyTorch, CPU or a GPU; model calls run in a worker thread."""
 
-    kind = "local"
-
     def __init__(self, bundle_path: Path, labels: list[str], max_length: int, threads: int = 1,
-                 device: Device = "cpu", batch_size: int = 64, runtime: TeacherRuntimeKind = "auto") -> None:
+                 device: Device = "cpu", batch_size: int = 64, runtime: TeacherRuntimeKind = "auto",
+                 version: str | None = None) -> None:
+        super().__init__()
+        self.bundle_path, self.max_length, self.threads = Path(bundle_path), max_length, threads
+        self.requested_device, self.requested_runtime = device, runtime
+        self.labels, self.batch_size, self.version = list(labels), batch_size, version
+
+    def load(self) -> None:
+        """Resolve device and runtime, open the weights, and map the head's labels to the bundle's order."""
         from bundle.runtime import TEACHER_ONNX_FILE, OnnxTeacherRuntime, TeacherRuntime
 
-        bundle_path = Path(bundle_path)
+        bundle_path, max_length, threads, labels = self.bundle_path, self.max_length, self.threads, self.labels
         model_dir = bundle_path / TEACHER_DIR
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(f"{model_dir}: no teacher weights in this bundle (is its teacher remote?)")
         # A teacher that brought its own tokenizer (a checkpoint of another family) keeps it.
         tokenizer_dir = model_dir if (model_dir / "tokenizer_config.json").is_file() else bundle_path / TOKENIZER_DIR
-        self.device = resolve_device(device)
-        self.runtime_kind = resolve_runtime(runtime, self.device, model_dir)
+        self.device = resolve_device(self.requested_device)
+        self.runtime_kind = resolve_runtime(self.requested_runtime, self.device, model_dir)
         config = json.loads((model_dir / "config.json").read_text())
         if self.runtime_kind == "onnx":
             self.runtime = OnnxTeacherRuntime(model_dir / TEACHER_ONNX_FILE, tokenizer_dir, max_length, threads,
@@ -118,11 +112,10 @@ class LocalTeacher:
             self.runtime = TeacherRuntime(model_dir, tokenizer_dir, max_length, threads, device=self.device)
         id2label = {int(k): str(v) for k, v in config.get("id2label", {}).items()}
         self._columns = _label_order([id2label[i] for i in range(len(id2label))], labels)
-        self.labels = list(labels)
-        self.batch_size = batch_size
         self.identity = f"local:{_weights_digest(bundle_path)}:{max_length}"
+        super().load()
 
-    def _logits_sorted(self, texts: list[str]) -> np.ndarray:
+    def run(self, texts: list[str]) -> np.ndarray:
         """Length-sorted batches: texts of similar length pad little."""
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
@@ -130,15 +123,6 @@ class LocalTeacher:
             chunk = order[start:start + self.batch_size]
             out[chunk] = self.runtime.logits([texts[i] for i in chunk])[:, self._columns]
         return out
-
-    async def logits(self, texts: list[str]) -> np.ndarray:
-        return await asyncio.to_thread(self._logits_sorted, texts)
-
-    async def ready(self) -> bool:
-        return True
-
-    async def aclose(self) -> None:
-        return None
 
     def state(self) -> dict[str, Any]:
         return {"kind": self.kind, "device": self.device, "runtime": self.runtime_kind}
@@ -184,13 +168,15 @@ class _RetryableError(Exception):
     """A failure worth another try: transport error, timeout, 5xx, 429."""
 
 
+@register("remote")
 class RemoteTeacher:
     """An Open Inference Protocol v2 REST model as the teacher (pooled, batched, bounded, retried, breaker)."""
 
     kind = "remote"
 
-    def __init__(self, settings: RemoteTeacherSettings, labels: list[str], breaker: Breaker | None = None) -> None:
-        self.settings = settings
+    def __init__(self, settings: RemoteTeacherSettings, labels: list[str], breaker: Breaker | None = None,
+                 version: str | None = None) -> None:
+        self.settings, self.version = settings, version
         self.labels = list(labels)
         names = settings.label_names or self.labels
         if settings.output == "tensor":
@@ -207,6 +193,9 @@ class RemoteTeacher:
         self._semaphore: asyncio.Semaphore | None = None
         self.last_error: str | None = None
 
+    def load(self) -> None:
+        """Nothing to open ahead: the pooled client belongs to the event loop of the first call."""
+
     def _http(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
         """One pooled client per event loop (offline callers run a fresh loop per call)."""
         loop = asyncio.get_running_loop()
@@ -219,7 +208,7 @@ class RemoteTeacher:
             self._loop = loop
         return self._client, self._semaphore
 
-    async def logits(self, texts: list[str]) -> np.ndarray:
+    async def predict(self, texts: list[str]) -> np.ndarray:
         """Logits in the bundle's label order (log-probabilities when the server answers probabilities)."""
         if not texts:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
@@ -331,7 +320,7 @@ class RemoteTeacher:
         except httpx.HTTPError:
             return False
 
-    async def aclose(self) -> None:
+    async def close(self) -> None:
         if self._client is not None:
             await self._client.aclose()
         self._client, self._loop, self._semaphore = None, None, None
@@ -348,19 +337,21 @@ class RemoteTeacher:
 
 def open_teacher(spec: TeacherSpec, bundle_path: Path, labels: list[str], *, max_length: int | None = None,
                  threads: int = 1, device: Device = "cpu", remote_url: str | None = None,
-                 breaker: Breaker | None = None, runtime: TeacherRuntimeKind = "auto") -> TeacherClient:
+                 breaker: Breaker | None = None, runtime: TeacherRuntimeKind = "auto",
+                 version: str | None = None) -> Model:
     """The teacher a bundle (or a build's staging folder) names. ``remote_url`` overrides the recorded URL
     (a deployment that reaches the same server under another name)."""
     if spec.kind == "remote":
         assert spec.remote is not None
         settings = spec.remote if remote_url is None else spec.remote.model_copy(update={"url": remote_url})
-        return RemoteTeacher(settings, labels, breaker)
+        return open_model("remote", settings, labels, breaker, version)
     if max_length is None:
         manifest_path = Path(bundle_path) / MANIFEST
         if not manifest_path.is_file():
             raise ValueError(f"{bundle_path}: no manifest to take max_length from; pass max_length")
         max_length = Manifest.model_validate_json(manifest_path.read_text()).max_length
-    return LocalTeacher(Path(bundle_path), labels, max_length, threads, device, runtime=runtime)
+    return open_model("local", Path(bundle_path), labels, max_length, threads, device, runtime=runtime,
+                      version=version)
 
 
 class _LogitCache:
@@ -393,7 +384,7 @@ class _LogitCache:
         self.db.close()
 
 
-def teacher_logits_sync(client: TeacherClient, texts: list[str], cache_dir: Path | None = None) -> np.ndarray:
+def teacher_logits_sync(client: Model, texts: list[str], cache_dir: Path | None = None) -> np.ndarray:
     """Teacher logits for offline work (build, eval, re-distillation), from the disk cache where answered before.
 
     Runs the async client to completion on a fresh event loop (call it from synchronous code only).
@@ -406,9 +397,9 @@ def teacher_logits_sync(client: TeacherClient, texts: list[str], cache_dir: Path
         if missing:
             async def ask() -> np.ndarray:
                 try:
-                    return await client.logits(missing)
+                    return await client.predict(missing)
                 finally:
-                    await client.aclose()
+                    await client.close()
 
             answered = asyncio.run(ask())
             fresh = {_LogitCache.key(client.identity, text): row for text, row in zip(missing, answered, strict=True)}

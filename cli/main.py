@@ -6,12 +6,17 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from distill.config import BuildConfig, cascade_home
+
+if TYPE_CHECKING:
+    from distill.data import Dataset
 
 app = typer.Typer(help="Cascade: a distilled int8 student first, the teacher only when the student is unsure.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -53,36 +58,24 @@ def build(
     promote: Annotated[bool, typer.Option(help="Make the new bundle current.")] = True,
 ) -> None:
     """Fit or load the teacher, distill and quantize the student, calibrate, evaluate and register a bundle."""
-    from bundle.registry import BundleError, Registry
-    from distill.config import BuildInputError, config_yaml, load_config_file
-
     overrides = {key: value for key, value in {
         "path": data and str(data.resolve()), "val": val and str(val.resolve()), "test": test and str(test.resolve()),
         "text_column": text_column, "label_column": label_column,
         "labels": labels and [name.strip() for name in labels.split(",") if name.strip()],
     }.items() if value is not None}
-    try:
-        cfg = load_config_file(config, tiny, preset) if config else BuildConfig.preset(tiny, preset)
-        cfg = cfg.merged({"data": overrides}) if overrides else cfg
-    except BuildInputError as exc:
-        _fail(str(exc))
-    except ValueError as exc:  # a flag's value the settings refuse (pydantic names the setting)
-        _fail(str(exc).replace("\n", " "))
+    cfg = _build_config(config, tiny, preset, overrides)
     if print_config:
+        from distill.config import config_yaml
+
         typer.echo(config_yaml(cfg), nl=False)
         return
     home = _home(home)
-    registry = Registry(home)
-    if if_missing and registry.current_version():
-        try:
-            registry.load()
-            typer.echo(f"current bundle {registry.current_version()} is present in {home}; nothing to build")
-            return
-        except BundleError as exc:
-            typer.echo(f"current bundle is unusable ({exc}); rebuilding")
+    if if_missing and _has_usable_current(home):
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from distill.build import build as run_build
+    from distill.config import BuildInputError
     from distill.evaluate import format_report
 
     try:
@@ -92,6 +85,38 @@ def build(
     report = json.loads((bundle.path / "report.json").read_text())
     typer.echo(format_report(report, default_task=cfg.data.path is None))
     typer.echo(f"\nbuilt {bundle.version} in {report['build_seconds'] / 60:.1f} min -> {bundle.path}")
+
+
+def _build_config(config: Path | None, tiny: bool, preset: str | None, data: dict[str, object]) -> BuildConfig:
+    """The build's settings: the YAML file or the preset, then the data flags over them; a bad value ends the
+    command with one line naming the setting (pydantic's message)."""
+    from distill.config import BuildInputError, load_config_file
+
+    try:
+        cfg = load_config_file(config, tiny, preset) if config else BuildConfig.preset(tiny, preset)
+        return cfg.merged({"data": data}) if data else cfg
+    except BuildInputError as exc:
+        _fail(str(exc))
+    except ValueError as exc:  # a flag's value the settings refuse (pydantic names the setting)
+        _fail(str(exc).replace("\n", " "))
+    raise AssertionError("unreachable: _fail exits")
+
+
+def _has_usable_current(home: Path) -> bool:
+    """`build --if-missing`: whether a current bundle exists and loads (checksums verified); one that does not
+    is rebuilt, with the reason printed."""
+    from bundle.registry import BundleError, Registry
+
+    registry = Registry(home)
+    if not registry.current_version():
+        return False
+    try:
+        registry.load()
+    except BundleError as exc:
+        typer.echo(f"current bundle is unusable ({exc}); rebuilding")
+        return False
+    typer.echo(f"current bundle {registry.current_version()} is present in {home}; nothing to build")
+    return True
 
 
 @app.command("eval")
@@ -394,10 +419,6 @@ def serve(
     The app is deployed from a Serve config, as `serve run deploy/serve.yaml` would, so a later
     `serve deploy` of a changed config reconfigures the running replicas without a restart.
     """
-    import signal
-
-    import yaml
-
     from bundle.registry import BundleError, Registry
 
     home = _home(home)
@@ -405,14 +426,24 @@ def serve(
         bundle = Registry(home).load()
     except BundleError as exc:
         _fail(f"{exc} (run `make models`)")
+    serve_config = _serve_config(config, port, autoscale, fast, home, address)
+    _start_ray(address, num_cpus, metrics_port)
+    signalled = _stop_on_signals()
+    _run_until_stopped(serve_config, bundle.version, port, fast, metrics_port, address, signalled)
+
+
+def _serve_config(config: Path | None, port: int, autoscale: bool, fast: bool, home: Path,
+                  address: str | None) -> dict[str, Any]:
+    """The Serve config to deploy, with process_limits applied: HAProxy's environment (set here, inherited by
+    the local Ray) and http_options; the home reaches replicas on a cluster started elsewhere."""
+    import yaml
+    from pydantic import ValidationError
+
     from serving.app import default_serve_config
+    from serving.settings import ProcessLimits
 
     serve_config = yaml.safe_load(config.read_text()) if config else default_serve_config(port, autoscale=autoscale)
     serve_config.setdefault("http_options", {})["port"] = port
-    from pydantic import ValidationError
-
-    from serving.settings import ProcessLimits
-
     try:  # HAProxy reads its limits only from the environment of the process that starts Ray: set them first
         limits = ProcessLimits.from_serve_config(serve_config)
     except (ValidationError, ValueError) as exc:
@@ -426,31 +457,36 @@ def serve(
     else:
         serve_config["http_options"]["host"] = "127.0.0.1"
     os.environ["CASCADE_HOME"] = str(home)
-    import ray
-    from ray.serve._private import api as serve_api
-    from ray.serve.schema import ServeDeploySchema
-
     if address:
         # Replicas on a cluster started elsewhere do not inherit this shell's environment: give them the home.
         for application in serve_config["applications"]:
             runtime_env = application.setdefault("runtime_env", {})
             runtime_env.setdefault("env_vars", {})["CASCADE_HOME"] = str(home)
-    schema = ServeDeploySchema.model_validate(serve_config)
-    # Ray's crash reporter (absl's failure signal handler, installed by ray.init in this driver) treats SIGTERM
-    # as a crash: it prints a stack, passes the signal on to Python's handler and arms a 3 s alarm that aborts
-    # the process (exit -6) while the shutdown below is still running. A stop is not a crash: not in this process.
-    from ray._private import ray_constants
+    return serve_config
 
-    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+
+def _start_ray(address: str | None, num_cpus: int | None, metrics_port: int) -> None:
+    """Join ``address``, or start a local Ray whose dashboard (127.0.0.1 only) carries Serve's REST API."""
+    import ray
+
+    from serving import _ray_compat
+
+    _ray_compat.check_version()
+    # A stop is not a crash: Ray's failure signal handler would abort this process mid-shutdown on SIGTERM.
+    _ray_compat.disable_failure_signal_handler()
     if address:
         ray.init(address=address)
     else:
-        # The dashboard (127.0.0.1 only) carries Serve's REST API: `serve status`, `serve deploy`.
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  _metrics_export_port=metrics_port)
-    # SIGTERM (docker stop, kill, a test's teardown) and SIGINT (Ctrl-C) stop the same way: Serve, the local Ray and
-    # HAProxy, also while the models are still loading, and exit 0. Set after ray.init, which installs its own
-    # (exit status 15).
+
+
+def _stop_on_signals() -> list[int]:
+    """SIGTERM (docker stop, kill, a test's teardown) and SIGINT (Ctrl-C) stop the same way: Serve, the local Ray
+    and HAProxy, also while the models are still loading, and exit 0. Set after ray.init, which installs its own
+    (exit status 15). Returns the list a signal is appended to."""
+    import signal
+
     signalled: list[int] = []
 
     def stop(signum: int, _frame: object) -> None:
@@ -461,18 +497,25 @@ def serve(
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    return signalled
+
+
+def _run_until_stopped(serve_config: dict[str, Any], version: str, port: int, fast: bool, metrics_port: int,
+                       address: str | None, signalled: list[int]) -> None:
+    """Deploy, wait for both models, announce, block; on the way out stop what this command started."""
+    import ray
+    from ray import serve as ray_serve
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving import _ray_compat
+
     node_id = ray.get_runtime_context().get_node_id()
     try:
         # proxy_location is the config's, as with `serve run`: without it Serve starts a proxy on every node.
-        client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
-                                       proxy_location=schema.proxy_location,
-                                       global_logging_config=schema.logging_config)
-        client.deploy_apps(schema, _blocking=False)
+        _ray_compat.start_serve_and_deploy(ServeDeploySchema.model_validate(serve_config))
         _wait_until_running(timeout_s=900)
-        _announce_and_block(bundle.version, port, fast, metrics_port)
+        _announce_and_block(version, port, fast, metrics_port)
     finally:
-        from ray import serve as ray_serve
-
         # Stopped by a signal, the Ray this command started goes with everything on it (ray.shutdown stops its
         # raylet, whose workers follow; then the orphaned HAProxy): Serve's graceful shutdown first would wait
         # out its 30 s drain of the Gateway replicas. A SIGTERM to the process group kills GCS and raylet before
@@ -491,9 +534,9 @@ def _local_ray_alive(grace_s: float = 1.0) -> bool:
     """
     import time
 
-    import ray
+    from serving import _ray_compat
 
-    node = ray._private.worker._global_node  # the Node object of the Ray that ray.init started here
+    node = _ray_compat.local_node()
     deadline = time.monotonic() + grace_s  # dying daemons may take a moment to exit
     while time.monotonic() < deadline:
         if node is None or not node.remaining_processes_alive():
@@ -529,10 +572,10 @@ def _stop_haproxy(node_id: str) -> None:
     import itertools
 
     import psutil
-    from ray.serve._private.constants import RAY_SERVE_HAPROXY_CONFIG_FILE_LOC
 
-    config = os.path.join(os.path.dirname(RAY_SERVE_HAPROXY_CONFIG_FILE_LOC), node_id,
-                          os.path.basename(RAY_SERVE_HAPROXY_CONFIG_FILE_LOC))
+    from serving import _ray_compat
+
+    config = _ray_compat.haproxy_config_path(node_id)
     ours = []
     for process in psutil.process_iter(["cmdline"]):
         cmdline = process.info["cmdline"] or []
@@ -681,22 +724,42 @@ def bench(
     split = _bundle_test_split(home)
     texts = split.texts[:500]  # the same texts the HTTP runs send, so the numbers compare
     if model_only:
-        from bundle.registry import STUDENT_FILES, Registry
-        from loadtests.model_only import StudentSpec, format_model_only, model_only_json, run_model_only
-
-        served = Registry(home).load(verify=STUDENT_FILES)
-        spec = StudentSpec(served.student_path, served.tokenizer_dir, served.manifest.max_length)
-        result = run_model_only(spec, texts, seconds)
-        typer.echo(format_model_only(result))
-        if output:
-            output.write_text(model_only_json(result))
+        _bench_model_only(home, texts, seconds, output)
         return
+    from loadtests.bench import benchmark, format_results, to_json
 
+    with _gateway_answering(url, home):
+        if report is not None:
+            _bench_report(url, home, split, report, seconds, concurrency or [1, 2, 4, 8, 16, 32, 64], p99_ms)
+            return
+        results = benchmark(url, home, texts, seconds, concurrency or [1, 32])
+    typer.echo(format_results(results))
+    if output:
+        output.write_text(to_json(results))
+
+
+def _bench_model_only(home: Path, texts: list[str], seconds: int, output: Path | None) -> None:
+    """`bench --model-only`: the served student alone, in this process, per threads x processes arrangement."""
+    from bundle.registry import STUDENT_FILES, Registry
+    from loadtests.model_only import StudentSpec, format_model_only, model_only_json, run_model_only
+
+    served = Registry(home).load(verify=STUDENT_FILES)
+    spec = StudentSpec(served.student_path, served.tokenizer_dir, served.manifest.max_length)
+    result = run_model_only(spec, texts, seconds)
+    typer.echo(format_model_only(result))
+    if output:
+        output.write_text(model_only_json(result))
+
+
+@contextmanager
+def _gateway_answering(url: str, home: Path) -> Iterator[None]:
+    """A gateway at ``url`` for the body: the one already answering, else `cascade serve` started here and
+    stopped after (so a bench never leaves a server behind)."""
     import subprocess
 
     import httpx
 
-    from loadtests.bench import benchmark, format_results, to_json, wait_ready
+    from loadtests.bench import wait_ready
 
     started = None
     try:
@@ -706,24 +769,25 @@ def bench(
         started = subprocess.Popen([sys.argv[0], "serve", "--home", str(home)], start_new_session=True)
         wait_ready(url, "/v2/health/ready", 900, started)
     try:
-        if report is not None:
-            from bundle.registry import Registry
-            from loadtests.report import BundleFacts, run_report
-
-            served = Registry(home).load(verify=False)
-            facts = BundleFacts(served.version, served.manifest.threshold,
-                                json.loads((served.path / "report.json").read_text()))
-            typer.echo(run_report(url, home, split.texts[:500], split.labels[:500], report, seconds,
-                                  concurrency or [1, 2, 4, 8, 16, 32, 64], facts, p99_ms))
-            return
-        results = benchmark(url, home, texts, seconds, concurrency or [1, 32])
+        yield
     finally:
         if started is not None:
             started.terminate()
             started.wait(timeout=120)
-    typer.echo(format_results(results))
-    if output:
-        output.write_text(to_json(results))
+
+
+def _bench_report(url: str, home: Path, split: Dataset, report: Path, seconds: int, concurrency: list[int],
+                  p99_ms: float) -> None:
+    """`bench --report`: cascade, teacher only, student only and the plain server side by side, on the bundle's
+    first 500 test texts and labels."""
+    from bundle.registry import Registry
+    from loadtests.report import BundleFacts, run_report
+
+    served = Registry(home).load(verify=False)
+    facts = BundleFacts(served.version, served.manifest.threshold,
+                        json.loads((served.path / "report.json").read_text()))
+    typer.echo(run_report(url, home, split.texts[:500], split.labels[:500], report, seconds, concurrency, facts,
+                          p99_ms))
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from bundle.registry import Bundle
+from bundle.model import Model
+from bundle.registry import Bundle, Manifest
 from bundle.runtime import TEACHER_ONNX_FILE, StudentRuntime
-from bundle.teachers import TeacherClient, open_teacher, teacher_logits_sync
+from bundle.teachers import open_teacher, teacher_logits_sync
 from distill.data import Dataset, Splits
 from routing.calibration import (
     OperatingPoint,
@@ -100,14 +101,14 @@ def teacher_cache_dir(bundle: Bundle) -> Path:
 LATENCY_ROUNDS = 5
 
 
-def paired_latency_ms(student_predict: Callable[[list[str]], Any], client: TeacherClient, texts: list[str],
+def paired_latency_ms(student_predict: Callable[[list[str]], Any], client: Model, texts: list[str],
                       runs: int, rounds: int = LATENCY_ROUNDS) -> tuple[dict[str, float], dict[str, float], float]:
     """One teacher's ``paired_latencies_ms``: student latency, teacher latency, speed-up."""
     student, teachers = paired_latencies_ms(student_predict, {"teacher": client}, texts, runs, rounds)
     return student, teachers["teacher"][0], teachers["teacher"][1]
 
 
-def paired_latencies_ms(student_predict: Callable[[list[str]], Any], clients: dict[str, TeacherClient],
+def paired_latencies_ms(student_predict: Callable[[list[str]], Any], clients: dict[str, Model],
                         texts: list[str], runs: int, rounds: int = LATENCY_ROUNDS,
                         ) -> tuple[dict[str, float], dict[str, tuple[dict[str, float], float]]]:
     """Batch-1 latency of student and teacher, timed in alternating rounds, and the speed-up.
@@ -122,8 +123,8 @@ def paired_latencies_ms(student_predict: Callable[[list[str]], Any], clients: di
     """
     loop = asyncio.new_event_loop()
 
-    def predictor(client: TeacherClient) -> Callable[[list[str]], Any]:
-        return lambda batch: loop.run_until_complete(client.logits(batch))
+    def predictor(client: Model) -> Callable[[list[str]], Any]:
+        return lambda batch: loop.run_until_complete(client.predict(batch))
 
     predict = {name: predictor(client) for name, client in clients.items()}
     try:
@@ -145,7 +146,7 @@ def paired_latencies_ms(student_predict: Callable[[list[str]], Any], clients: di
                 teacher_all[name] += teacher_times
     finally:
         for client in clients.values():
-            loop.run_until_complete(client.aclose())
+            loop.run_until_complete(client.close())
         loop.close()
     return _summary(student_all), {name: (_summary(teacher_all[name]), float(statistics.median(ratios[name])))
                                    for name in clients}
@@ -175,13 +176,13 @@ def weights_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
 
 
-def _timed_teachers(bundle: Bundle, threads: int) -> dict[str, TeacherClient]:
+def _timed_teachers(bundle: Bundle, threads: int) -> dict[str, Model]:
     """The teacher in each runtime it has here: ONNX Runtime (fp32) and PyTorch for local weights, so the
     student's speed-up is measured in one runtime and against what a user of transformers would run."""
     manifest = bundle.manifest
     if manifest.teacher.kind == "remote":
         return {"remote": open_teacher(manifest.teacher, bundle.path, manifest.labels)}
-    clients: dict[str, TeacherClient] = {}
+    clients: dict[str, Model] = {}
     if (bundle.teacher_dir / TEACHER_ONNX_FILE).is_file():
         clients["onnx"] = open_teacher(manifest.teacher, bundle.path, manifest.labels, max_length=manifest.max_length,
                                        threads=threads, runtime="onnx")
@@ -219,46 +220,37 @@ def thin_curve(points: list[OperatingPoint], keep: int = 200) -> list[dict[str, 
     return [p.as_dict() for p in points[::step]] + ([points[-1].as_dict()] if points else [])
 
 
-def evaluate_bundle(bundle: Bundle, splits: Splits, *, bootstrap_samples: int, latency_runs: int,
-                    threads: int = 2, teacher_logits_test: np.ndarray | None = None) -> dict[str, Any]:
-    """Measure a bundle on the test split the way it is served: int8 student, calibrated confidences."""
+def test_logits(bundle: Bundle, student: StudentRuntime, test: Dataset, threads: int,
+                teacher_logits_test: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(student, teacher) logits on the test texts. The teacher is the one the manifest names (local weights or a
+    remote server), its answers cached beside the registry; a build passes the answers it already has."""
     manifest = bundle.manifest
-    test: Dataset = splits.test
-    student = StudentRuntime(bundle.student_path, bundle.tokenizer_dir, manifest.max_length, threads)
-    # The teacher the manifest names (local weights or a remote server), answers cached beside the registry.
-    teacher = open_teacher(manifest.teacher, bundle.path, manifest.labels, max_length=manifest.max_length,
-                           threads=threads)
     student_logits = np.concatenate([student.logits(test.texts[i : i + 64]) for i in range(0, len(test), 64)])
     if teacher_logits_test is None:
+        teacher = open_teacher(manifest.teacher, bundle.path, manifest.labels, max_length=manifest.max_length,
+                               threads=threads)
         teacher_logits_test = teacher_logits_sync(teacher, test.texts, teacher_cache_dir(bundle))
+    return student_logits, teacher_logits_test
+
+
+def quality_report(manifest: Manifest, splits: Splits, student_logits: np.ndarray, teacher_logits: np.ndarray,
+                   samples: int) -> dict[str, Any]:
+    """Accuracy of TF-IDF, teacher, int8 student and the cascade at the manifest's threshold (bootstrap 95%
+    intervals), per label, where their errors overlap, and the test deferral curve (``test_curve``)."""
+    test = splits.test
     measure = ConfidenceMeasure(manifest.confidence_measure)
     student_probs = softmax(student_logits, manifest.temperatures.student)
-    teacher_probs = softmax(teacher_logits_test, manifest.temperatures.teacher)
+    teacher_probs = softmax(teacher_logits, manifest.temperatures.teacher)
     answers, deferred = cascade_answers(student_probs, teacher_probs, manifest.threshold, measure)
-    teacher_pred = teacher_probs.argmax(-1)
-    samples = bootstrap_samples
-
+    teacher_pred, student_pred = teacher_probs.argmax(-1), student_probs.argmax(-1)
     tfidf_pred = tfidf_predictions(splits)
     baseline = float((tfidf_pred == test.labels).mean())
-    student_pred = student_probs.argmax(-1)
     teacher_acc = accuracy_entry(teacher_pred, test.labels, samples)
     student_acc = accuracy_entry(student_pred, test.labels, samples)
     cascade_acc = accuracy_entry(answers, test.labels, samples)
     gap = (answers == test.labels).astype(float) - (teacher_pred == test.labels).astype(float)
     gap_low, gap_high = bootstrap_interval(gap, samples, seed=1)
-
-    student_latency, teachers = paired_latencies_ms(student.logits, _timed_teachers(bundle, threads),
-                                                    test.texts[:latency_runs], latency_runs)
-    name = "onnx" if "onnx" in teachers else next(iter(teachers))
-    # A remote teacher's weights are not in the bundle: no size to compare with.
-    teacher_bytes = weights_bytes(bundle.teacher_dir) if bundle.teacher_dir.is_dir() else None
-    student_bytes = bundle.student_path.stat().st_size
-    names = tuple(manifest.labels)
-
-    test_curve = sweep(student_probs, teacher_probs, test.labels, measure)
     return {
-        "version": manifest.version,
-        "test_texts": len(test),
         "tfidf_logreg_accuracy": baseline,
         "teacher": teacher_acc | {"gain_over_tfidf": teacher_acc["accuracy"] - baseline},
         "student_int8": student_acc | {"ratio_to_teacher": student_acc["accuracy"] / teacher_acc["accuracy"]},
@@ -269,13 +261,27 @@ def evaluate_bundle(bundle: Bundle, splits: Splits, *, bootstrap_samples: int, l
             "accuracy_minus_teacher": float(gap.mean()),
             "accuracy_minus_teacher_ci": [gap_low, gap_high],
         },
-        "per_label": {model: per_label(pred, test.labels, names) for model, pred in
+        "per_label": {model: per_label(pred, test.labels, tuple(manifest.labels)) for model, pred in
                       (("tfidf", tfidf_pred), ("teacher", teacher_pred), ("student_int8", student_pred),
                        ("cascade", answers))},
         "error_overlap": error_overlap(student_pred, teacher_pred, test.labels, deferred),
+        "test_curve": thin_curve(sweep(student_probs, teacher_probs, test.labels, measure)),
+    }
+
+
+def cost_report(bundle: Bundle, student: StudentRuntime, texts: list[str], latency_runs: int,
+                threads: int) -> dict[str, Any]:
+    """Batch-1 latency of student and teacher (each teacher runtime here, timed in the same rounds) and the
+    speed-up, and the weights' sizes (none for a remote teacher: its weights are not in the bundle)."""
+    student_latency, teachers = paired_latencies_ms(student.logits, _timed_teachers(bundle, threads),
+                                                    texts[:latency_runs], latency_runs)
+    name = "onnx" if "onnx" in teachers else next(iter(teachers))
+    teacher_bytes = weights_bytes(bundle.teacher_dir) if bundle.teacher_dir.is_dir() else None
+    student_bytes = bundle.student_path.stat().st_size
+    return {
         "latency_batch1_threads": threads,
         "student_latency": student_latency,
-        "teacher_kind": manifest.teacher.kind,
+        "teacher_kind": bundle.manifest.teacher.kind,
         "teacher_runtime": name,
         "teacher_latency": teachers[name][0],
         "speedup_p50": teachers[name][1],
@@ -284,8 +290,19 @@ def evaluate_bundle(bundle: Bundle, splits: Splits, *, bootstrap_samples: int, l
         "student_bytes": student_bytes,
         "teacher_bytes": teacher_bytes,
         "size_ratio": student_bytes / teacher_bytes if teacher_bytes else None,
-        "test_curve": thin_curve(test_curve),
     }
+
+
+def evaluate_bundle(bundle: Bundle, splits: Splits, *, bootstrap_samples: int, latency_runs: int,
+                    threads: int = 2, teacher_logits_test: np.ndarray | None = None) -> dict[str, Any]:
+    """Measure a bundle on the test split the way it is served: int8 student, calibrated confidences."""
+    manifest = bundle.manifest
+    student = StudentRuntime(bundle.student_path, bundle.tokenizer_dir, manifest.max_length, threads)
+    student_logits, teacher_logits = test_logits(bundle, student, splits.test, threads, teacher_logits_test)
+    quality = quality_report(manifest, splits, student_logits, teacher_logits, bootstrap_samples)
+    curve = quality.pop("test_curve")  # last in the report, after the costs
+    cost = cost_report(bundle, student, splits.test.texts, latency_runs, threads)
+    return {"version": manifest.version, "test_texts": len(splits.test)} | quality | cost | {"test_curve": curve}
 
 
 def calibration_summary(logits: np.ndarray, labels: np.ndarray, temperature: float) -> dict[str, float]:

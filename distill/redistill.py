@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 import time
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,25 +33,18 @@ import numpy as np
 from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
-from bundle.registry import (
-    STUDENT_FILE,
-    STUDENT_FP32_DIR,
-    TEACHER_DIR,
-    TOKENIZER_DIR,
-    Bundle,
-    Registry,
-    link_tree,
-)
+from bundle.model import Model
+from bundle.registry import STUDENT_FP32_DIR, TEACHER_DIR, Bundle, Registry, link_tree
 from bundle.runtime import StudentRuntime
-from bundle.teachers import TeacherClient, open_teacher, teacher_logits_sync
+from bundle.teachers import open_teacher, teacher_logits_sync
 from distill import train
-from distill.build import calibrate_bundle_dir, splits_for
+from distill.build import splits_for
 from distill.config import BuildConfig
 from distill.data import Dataset, Splits
-from distill.evaluate import evaluate_bundle, teacher_cache_dir, write_report
-from distill.export import build_student_onnx
+from distill.evaluate import teacher_cache_dir
+from distill.publish import Candidate, publish_student, student_logits
 from records.queue import DisagreementRecord, Leased, QueueBackend
-from routing.promotion import Paired, decide, false_promotion_rate
+from routing.promotion import GateDecision, Paired, decide, false_promotion_rate
 
 
 class RedistillConfig(BaseModel):
@@ -112,7 +105,7 @@ def _is_holdout(record_id: str, share: float) -> bool:
     return digest / 0xFFFFFFFF < share
 
 
-def _teacher_logits(bundle: Bundle, teacher: TeacherClient, splits: Splits) -> dict[str, np.ndarray]:
+def _teacher_logits(bundle: Bundle, teacher: Model, splits: Splits) -> dict[str, np.ndarray]:
     """Teacher logits on the base splits from the teacher the bundle names (its weights or a remote server),
     cached on disk by teacher and text, so a re-distillation pays for each text once."""
     return {name: teacher_logits_sync(teacher, getattr(splits, name).texts, teacher_cache_dir(bundle))
@@ -130,10 +123,6 @@ def _starting_student(bundle: Bundle, build_cfg: BuildConfig):
     teacher = AutoModelForSequenceClassification.from_pretrained(str(bundle.teacher_dir), local_files_only=True,
                                                                  use_safetensors=True)
     return train.student_from_teacher(teacher, build_cfg.student.layers)
-
-
-def _logits(runtime: StudentRuntime, texts: list[str], labels: int) -> np.ndarray:
-    return runtime.logits(texts) if texts else np.zeros((0, labels), dtype=np.float32)
 
 
 def target_logits(record: DisagreementRecord, n_labels: int, teacher_temperature: float, sharpen: float,
@@ -238,6 +227,232 @@ def _wait(queue: QueueBackend, leased: list[Leased], parent: Bundle, message: st
                            message=message)
 
 
+def _not_ready(cfg: RedistillConfig, holdout: int, prior: dict[str, int], parent_version: str) -> str | None:
+    """Why the gate cannot look yet (too few held-out records, or no new evidence since its last look against
+    this student: each look spends alpha); None when it can. Checked before any training is paid for."""
+    if holdout < cfg.min_holdout_records:
+        return (f"{holdout} held-out shadow records (< {cfg.min_holdout_records}): not enough recent traffic to "
+                "judge a new student yet")
+    needed = int(np.ceil(prior["holdout"] * (1 + cfg.min_new_evidence)))
+    if prior["looks"] and holdout < needed:
+        return (f"the gate looked {prior['looks']} time(s) at {prior['holdout']} held-out records against "
+                f"{parent_version}; a new look needs new evidence: {needed} (now {holdout})")
+    return None
+
+
+def replay_indices(n_train: int, base_replay: int | None, seed: int) -> np.ndarray:
+    """The base training rows replayed beside the queued records: a fixed random subset by the build's seed
+    (sorted, so the rows keep their order), or all of them with None."""
+    replay = np.arange(n_train)
+    if base_replay is not None and base_replay < n_train:
+        replay = np.sort(np.random.default_rng(seed).choice(replay, base_replay, replace=False))
+    return replay
+
+
+@dataclass(frozen=True)
+class Slices:
+    """The leased records and their three disjoint slices (``split_records``)."""
+
+    leased: list[Leased]
+    holdout: list[Leased]
+    select: list[Leased]
+    learn: list[Leased]
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What the new student learns from and chooses its epoch on."""
+
+    combined: Dataset  # replayed base texts, then the queued rows (each repeated by its kind's weight)
+    soft: np.ndarray  # their target logits
+    selection: Dataset  # base val, then the selection slice (labelled by teacher or true label)
+    selection_rows: int  # rows of the selection slice in ``selection``
+    answered: list[str]  # queued texts the teacher answered: perturbed copies of them join each epoch
+
+
+def training_data(cfg: RedistillConfig, splits: Splits, base_train_logits: np.ndarray, slices: Slices, seed: int,
+                  teacher_temperature: float, parent_version: str = "the current student") -> TrainingData:
+    """Base replay plus queued rows to learn from, and base val plus the selection slice to choose the epoch on."""
+    n_labels = len(splits.train.label_names)
+
+    def targets(items: list[Leased], label_repeat: int = 1, teacher_repeat: int = 1) -> tuple[list[str], np.ndarray]:
+        return training_rows(items, n_labels, teacher_temperature, cfg.queue_sharpen, cfg.label_smoothing,
+                             label_repeat, teacher_repeat)
+
+    learn_texts, queued_logits = targets(slices.learn, cfg.label_weight, cfg.queue_weight)
+    select_texts, select_logits = targets(slices.select)
+    replay = replay_indices(len(splits.train), cfg.base_replay, seed)
+    combined = Dataset(
+        name=f"{splits.train.name}+queue",
+        texts=[splits.train.texts[i] for i in replay] + learn_texts,
+        labels=np.concatenate([splits.train.labels[replay], queued_logits.argmax(-1)]).astype(np.int64),
+        label_names=splits.train.label_names,
+    )
+    soft = np.concatenate([base_train_logits[replay], queued_logits]).astype(np.float32)
+    selection = Dataset(name=f"{splits.val.name}+selection", texts=splits.val.texts + select_texts,
+                        labels=np.concatenate([splits.val.labels, select_logits.argmax(-1)]).astype(np.int64),
+                        label_names=splits.val.label_names)
+    labelled = sum(item.record.label is not None for item in slices.learn)
+    tqdm.write(f"re-distilling {parent_version}: {len(replay)} base + {len(learn_texts)} queued rows (weighted) "
+               f"({labelled} with true labels; {len(select_texts)} choose the epoch, {len(slices.holdout)} held out "
+               "for the gate)")
+    # Teacher-labelled perturbations of the queued texts, fresh each epoch: the shifted domain is seen
+    # through a few thousand texts at most, and the teacher can answer variants of them (as in the build).
+    answered = list(dict.fromkeys(item.record.text for item in slices.learn if item.record.label is None))
+    return TrainingData(combined, soft, selection, len(select_texts), answered)
+
+
+@dataclass
+class EpochChoice:
+    """``train.fit``'s score: agreement on the selection slice of recent traffic, for epochs that keep base-val
+    agreement with the teacher at or above ``floor`` (an epoch below it scores under every epoch above it).
+    Every epoch's two agreements are kept for the gate's report."""
+
+    val_teacher_labels: np.ndarray  # the teacher's answers on base val: the first rows scored
+    select_labels: np.ndarray  # the selection slice's targets: the rows after them
+    floor: float
+    checkpoints: list[dict[str, float]] = field(default_factory=list)
+
+    def __call__(self, logits: np.ndarray) -> float:
+        n_val = len(self.val_teacher_labels)
+        base = float((logits[:n_val].argmax(-1) == self.val_teacher_labels).mean())
+        recent = float((logits[n_val:].argmax(-1) == self.select_labels).mean()) if len(self.select_labels) else base
+        self.checkpoints.append({"base_val_agreement": base, "selection_agreement": recent})
+        return recent if base >= self.floor else base - 1.0
+
+
+def queue_augmentation(teacher: Model, answered: list[str], copies: int, sharpen: float,
+                       n_labels: int) -> train.EpochExtra | None:
+    """Each epoch's ``copies`` fresh perturbations of the teacher-answered queued texts, with the teacher's
+    sharpened answers (None without copies)."""
+    if not copies:
+        return None
+
+    def augmented(_epoch: int, rng: np.random.Generator) -> tuple[list[str], np.ndarray]:
+        texts = augmented_texts(answered, copies, rng)
+        if not texts:
+            return [], np.zeros((0, n_labels), np.float32)
+        return texts, teacher_logits_sync(teacher, texts) * sharpen
+
+    return augmented
+
+
+def _train_candidate(parent: Bundle, build_cfg: BuildConfig, cfg: RedistillConfig, data: TrainingData,
+                     choice: EpochChoice, extra: train.EpochExtra | None) -> tuple[Any, Any]:
+    """The new fp32 student and its tokenizer: the current student trained further on ``data``, the epoch
+    ``choice`` scores best kept."""
+    tokenizer = train.load_tokenizer(parent.tokenizer_dir)
+    student, _ = train.fit(
+        _starting_student(parent, build_cfg), tokenizer, data.combined, data.selection, epochs=cfg.epochs, lr=cfg.lr,
+        batch_size=cfg.batch_size, max_length=build_cfg.max_length,
+        loss_fn=train.distillation_loss(build_cfg.distillation.alpha, build_cfg.distillation.temperature),
+        soft_targets=data.soft, score=choice, bucket_by_length=True, seed=build_cfg.seed,
+        precision=train.resolve_precision(build_cfg.precision),
+        extra=extra, extra_per_epoch=cfg.augment_copies * len(data.answered), desc="re-distillation",
+    )
+    return student, tokenizer
+
+
+def holdout_targets(slices: Slices) -> np.ndarray:
+    """What each held-out record is judged against: a true label that came back for the same text
+    (/v1/feedback) outranks the teacher's answer."""
+    true_labels = {item.record.text: item.record.label for item in slices.leased if item.record.label is not None}
+    return np.array([true_labels.get(item.record.text, gate_target(item.record)) for item in slices.holdout])
+
+
+@dataclass
+class Gate:
+    """``publish_student``'s judge: paired tests of the int8 candidate against the current student on the
+    held-out slice and the base test set (routing/promotion.py). The look is recorded whatever it decides;
+    the candidate is refused (None) unless it is promoted or ``register_whatever_the_gate_says``."""
+
+    home: Path
+    cfg: RedistillConfig
+    parent: Bundle
+    current: StudentRuntime
+    slices: Slices
+    test: Dataset
+    test_teacher: np.ndarray  # the teacher's answers on the base test set
+    look: int
+    choice: EpochChoice
+    decision: GateDecision | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, candidate: Candidate) -> dict[str, Any] | None:
+        n_labels, cfg = len(self.parent.manifest.labels), self.cfg
+        texts, targets = [item.record.text for item in self.slices.holdout], holdout_targets(self.slices)
+        old_test = student_logits(self.current, self.test.texts, n_labels).argmax(-1)
+        new_test = candidate.test_logits.argmax(-1)
+        old_hold = student_logits(self.current, texts, n_labels).argmax(-1)
+        new_hold = student_logits(candidate.runtime, texts, n_labels).argmax(-1)
+        holdout_pair = Paired.of(targets, old_hold, new_hold)
+        base_pair = Paired.of(self.test.labels, old_test, new_test)
+        self.decision = decide(holdout_pair, base_pair, margin=cfg.max_accuracy_drop, alpha=cfg.alpha, look=self.look)
+        _write_gate_state(self.home, self.parent.version, self.look, len(self.slices.holdout))
+        self.report = self.decision.as_dict() | {
+            "false_promotion": false_promotion_rate(holdout_pair, base_pair, margin=cfg.max_accuracy_drop,
+                                                    alpha=cfg.alpha, look=self.look),
+            "base_test_texts": len(self.test),
+            "current_test_accuracy": float((old_test == self.test.labels).mean()),
+            "new_test_accuracy": float((new_test == self.test.labels).mean()),
+            # Agreement with the teacher on the base test set: how close distillation brought the student on
+            # the domain it was built from, the level re-distillation on new traffic can hope to approach there.
+            "current_test_agreement": float((old_test == self.test_teacher).mean()),
+            "new_test_agreement": float((new_test == self.test_teacher).mean()),
+            "holdout_records": len(self.slices.holdout),
+            "holdout_labelled": int(sum(item.record.label is not None for item in self.slices.holdout)),
+            "current_holdout_agreement": float((old_hold == targets).mean()),
+            "new_holdout_agreement": float((new_hold == targets).mean()),
+            "checkpoints": self.choice.checkpoints,
+            "base_val_floor": self.choice.floor,
+            "max_accuracy_drop": cfg.max_accuracy_drop,
+            "passed": self.decision.outcome == "promote",
+        }
+        if self.decision.outcome != "promote" and not cfg.register_whatever_the_gate_says:
+            return None
+        return {"gate": self.report}
+
+
+def _manifest_fields(cfg: RedistillConfig, parent: Bundle, build_cfg: BuildConfig, slices: Slices,
+                     data: TrainingData) -> dict[str, Any]:
+    """The new version's own manifest fields: the parent's labels, teacher and lineage, and what it learnt from
+    (publish_student adds calibration's fields, the export check and the gate)."""
+    return {
+        "labels": parent.manifest.labels,
+        "max_length": build_cfg.max_length,
+        "source_data": parent.manifest.source_data | {"queue": {"records": len(slices.learn),
+                                                                "selection": data.selection_rows,
+                                                                "held_out": len(slices.holdout)}},
+        "parent_version": parent.version,
+        "teacher_version": parent.teacher_version,
+        "teacher": parent.manifest.teacher,
+        "queue_records": [item.record.id for item in slices.leased],
+        "build": parent.manifest.build | {"redistill": cfg.model_dump()},
+    }
+
+
+def _link_parent_teacher(parent: Bundle, staging: Path) -> dict[str, Any]:
+    """The parent's teacher/ as hard links: the teacher is not retrained (a remote teacher's bundle has none)."""
+    if parent.teacher_dir.is_dir():
+        link_tree(parent.teacher_dir, staging / TEACHER_DIR)
+    return {}
+
+
+def _registered(registry: Registry, queue: QueueBackend, bundle: Bundle, gate: Gate, cfg: RedistillConfig,
+                slices: Slices) -> RedistillResult:
+    """Promote when the gate passed it (and ``promote`` is on), then acknowledge the records: only now, with
+    the new version registered, are they done with."""
+    assert gate.decision is not None
+    promoted = cfg.promote and gate.decision.outcome == "promote"
+    if promoted:
+        registry.promote(bundle.version)
+    queue.ack([item.token for item in slices.leased])
+    return RedistillResult(status="promoted" if promoted else "registered", version=bundle.version,
+                           parent_version=gate.parent.version, gate=gate.report, records_used=len(slices.leased),
+                           message=f"{bundle.version} registered from {len(slices.learn)} queued records; "
+                           + "; ".join(gate.decision.reasons))
+
+
 def redistill(home: Path, queue: QueueBackend, cfg: RedistillConfig) -> RedistillResult:
     """One run: lease, train, export, gate, register (and promote), acknowledge."""
     registry = Registry(home)
@@ -252,165 +467,36 @@ def redistill(home: Path, queue: QueueBackend, cfg: RedistillConfig) -> Redistil
 
     threads = cfg.threads or build_cfg.threads
     torch.set_num_threads(threads)
-    holdout, select, learn = split_records(leased, parent.teacher_version, cfg.holdout_share, cfg.select_share)
+    slices = Slices(leased, *split_records(leased, parent.teacher_version, cfg.holdout_share, cfg.select_share))
     prior = _read_gate_state(home, parent.version)
-    if len(holdout) < cfg.min_holdout_records:
-        return _wait(queue, leased, parent, f"{len(holdout)} held-out shadow records (< {cfg.min_holdout_records}): "
-                     "not enough recent traffic to judge a new student yet")
-    needed = int(np.ceil(prior["holdout"] * (1 + cfg.min_new_evidence)))
-    if prior["looks"] and len(holdout) < needed:
-        return _wait(queue, leased, parent, f"the gate looked {prior['looks']} time(s) at {prior['holdout']} "
-                     f"held-out records against {parent.version}; a new look needs new evidence: {needed} "
-                     f"(now {len(holdout)})")
+    reason = _not_ready(cfg, len(slices.holdout), prior, parent.version)
+    if reason is not None:
+        return _wait(queue, leased, parent, reason)
     splits = splits_for(build_cfg)
     teacher = open_teacher(parent.manifest.teacher, parent.path, parent.manifest.labels,
                            max_length=build_cfg.max_length, threads=threads)
     base_logits = _teacher_logits(parent, teacher, splits)
-    n_labels, max_length = len(parent.manifest.labels), build_cfg.max_length
-    t_teacher = parent.manifest.temperatures.teacher
-
-    def targets(items: list[Leased], label_repeat: int = 1, teacher_repeat: int = 1) -> tuple[list[str], np.ndarray]:
-        return training_rows(items, n_labels, t_teacher, cfg.queue_sharpen, cfg.label_smoothing, label_repeat,
-                             teacher_repeat)
-
-    learn_texts, queued_logits = targets(learn, cfg.label_weight, cfg.queue_weight)
-    select_texts, select_logits = targets(select)
-    replay = np.arange(len(splits.train))
-    if cfg.base_replay is not None and cfg.base_replay < len(replay):
-        replay = np.sort(np.random.default_rng(build_cfg.seed).choice(replay, cfg.base_replay, replace=False))
-    combined = Dataset(
-        name=f"{splits.train.name}+queue",
-        texts=[splits.train.texts[i] for i in replay] + learn_texts,
-        labels=np.concatenate([splits.train.labels[replay], queued_logits.argmax(-1)]).astype(np.int64),
-        label_names=splits.train.label_names,
-    )
-    soft = np.concatenate([base_logits["train"][replay], queued_logits]).astype(np.float32)
-    labelled = sum(item.record.label is not None for item in learn)
-    tqdm.write(f"re-distilling {parent.version}: {len(replay)} base + {len(learn_texts)} queued rows (weighted) "
-               f"({labelled} with true labels; {len(select_texts)} choose the epoch, {len(holdout)} held out for "
-               "the gate)")
-
-    current = StudentRuntime(parent.student_path, parent.tokenizer_dir, max_length, threads)
+    n_labels = len(parent.manifest.labels)
+    data = training_data(cfg, splits, base_logits["train"], slices, build_cfg.seed,
+                         parent.manifest.temperatures.teacher, parent.version)
+    current = StudentRuntime(parent.student_path, parent.tokenizer_dir, build_cfg.max_length, threads)
     val_teacher_labels = base_logits["val"].argmax(-1)
-    base_val_floor = float((_logits(current, splits.val.texts, n_labels).argmax(-1) == val_teacher_labels).mean()
-                           ) - cfg.base_val_drop
-    select_labels = select_logits.argmax(-1)
-    n_val = len(splits.val)
-    checkpoints: list[dict[str, float]] = []
-
-    def checkpoint_score(logits: np.ndarray) -> float:
-        """Agreement on the selection slice of recent traffic, for epochs that keep base val above its floor."""
-        base = float((logits[:n_val].argmax(-1) == val_teacher_labels).mean())
-        recent = float((logits[n_val:].argmax(-1) == select_labels).mean()) if len(select_labels) else base
-        checkpoints.append({"base_val_agreement": base, "selection_agreement": recent})
-        return recent if base >= base_val_floor else base - 1.0
-
-    selection_set = Dataset(name=f"{splits.val.name}+selection", texts=splits.val.texts + select_texts,
-                            labels=np.concatenate([splits.val.labels, select_labels]).astype(np.int64),
-                            label_names=splits.val.label_names)
-    # Teacher-labelled perturbations of the queued texts, fresh each epoch: the shifted domain is seen
-    # through a few thousand texts at most, and the teacher can answer variants of them (as in the build).
-    answered = list(dict.fromkeys(item.record.text for item in learn if item.record.label is None))
-
-    def augmented(_epoch: int, rng: np.random.Generator) -> tuple[list[str], np.ndarray]:
-        texts = augmented_texts(answered, cfg.augment_copies, rng)
-        if not texts:
-            return [], np.zeros((0, n_labels), np.float32)
-        return texts, teacher_logits_sync(teacher, texts) * cfg.queue_sharpen
-
-    tokenizer = train.load_tokenizer(parent.tokenizer_dir)
-    student, _ = train.fit(
-        _starting_student(parent, build_cfg), tokenizer, combined, selection_set, epochs=cfg.epochs, lr=cfg.lr,
-        batch_size=cfg.batch_size, max_length=build_cfg.max_length,
-        loss_fn=train.distillation_loss(build_cfg.distillation.alpha, build_cfg.distillation.temperature),
-        soft_targets=soft, score=checkpoint_score, bucket_by_length=True, seed=build_cfg.seed,
-        precision=train.resolve_precision(build_cfg.precision),
-        extra=augmented if cfg.augment_copies else None, extra_per_epoch=cfg.augment_copies * len(answered),
-        desc="re-distillation",
+    floor = float((student_logits(current, splits.val.texts, n_labels).argmax(-1) == val_teacher_labels).mean()
+                  ) - cfg.base_val_drop
+    choice = EpochChoice(val_teacher_labels, data.selection.labels[len(splits.val):], floor)
+    extra = queue_augmentation(teacher, data.answered, cfg.augment_copies, cfg.queue_sharpen, n_labels)
+    student, tokenizer = _train_candidate(parent, build_cfg, cfg, data, choice, extra)
+    gate = Gate(home, cfg, parent, current, slices, splits.test, base_logits["test"].argmax(-1), prior["looks"] + 1,
+                choice)
+    bundle = publish_student(
+        registry, student=student, tokenizer=tokenizer, cfg=build_cfg, splits=splits, teacher_val=base_logits["val"],
+        teacher_test=base_logits["test"], fields=_manifest_fields(cfg, parent, build_cfg, slices, data),
+        stage_teacher=partial(_link_parent_teacher, parent), tokenizer_dir=parent.tokenizer_dir, threads=threads,
+        started=started, judge=gate,
     )
-
-    registry.root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=registry.root))
-    try:
-        if parent.teacher_dir.is_dir():  # a remote teacher's bundle has no weights to carry
-            link_tree(parent.teacher_dir, staging / TEACHER_DIR)
-        shutil.copytree(parent.tokenizer_dir, staging / TOKENIZER_DIR)
-        student.save_pretrained(str(staging / STUDENT_FP32_DIR), safe_serialization=True)
-        quantization = build_student_onnx(student, tokenizer, splits.val.texts[:256], build_cfg.max_length,
-                                          staging / STUDENT_FILE)
-        candidate = StudentRuntime(staging / STUDENT_FILE, parent.tokenizer_dir, max_length, threads)
-        holdout_texts = [item.record.text for item in holdout]
-        # A held-out text that also came back with its true label (/v1/feedback) is judged against the label.
-        true_labels = {item.record.text: item.record.label for item in leased if item.record.label is not None}
-        holdout_targets = np.array([true_labels.get(item.record.text, gate_target(item.record)) for item in holdout])
-        test_student = _logits(candidate, splits.test.texts, n_labels)
-        old_test = _logits(current, splits.test.texts, n_labels).argmax(-1)
-        test_teacher = base_logits["test"].argmax(-1)
-        new_test = test_student.argmax(-1)
-        old_hold = _logits(current, holdout_texts, n_labels).argmax(-1)
-        new_hold = _logits(candidate, holdout_texts, n_labels).argmax(-1)
-        holdout_pair = Paired.of(holdout_targets, old_hold, new_hold)
-        base_pair = Paired.of(splits.test.labels, old_test, new_test)
-        look = prior["looks"] + 1
-        decision = decide(holdout_pair, base_pair, margin=cfg.max_accuracy_drop, alpha=cfg.alpha, look=look)
-        _write_gate_state(home, parent.version, look, len(holdout))
-        gate = decision.as_dict() | {
-            "false_promotion": false_promotion_rate(holdout_pair, base_pair, margin=cfg.max_accuracy_drop,
-                                                    alpha=cfg.alpha, look=look),
-            "base_test_texts": len(splits.test),
-            "current_test_accuracy": float((old_test == splits.test.labels).mean()),
-            "new_test_accuracy": float((new_test == splits.test.labels).mean()),
-            # Agreement with the teacher on the base test set: how close distillation brought the student on
-            # the domain it was built from, the level re-distillation on new traffic can hope to approach there.
-            "current_test_agreement": float((old_test == test_teacher).mean()),
-            "new_test_agreement": float((new_test == test_teacher).mean()),
-            "holdout_records": len(holdout),
-            "holdout_labelled": int(sum(item.record.label is not None for item in holdout)),
-            "current_holdout_agreement": float((old_hold == holdout_targets).mean()),
-            "new_holdout_agreement": float((new_hold == holdout_targets).mean()),
-            "checkpoints": checkpoints,
-            "base_val_floor": base_val_floor,
-            "max_accuracy_drop": cfg.max_accuracy_drop,
-            "passed": decision.outcome == "promote",
-        }
-        if decision.outcome != "promote" and not cfg.register_whatever_the_gate_says:
-            shutil.rmtree(staging, ignore_errors=True)
-            status = "rejected" if decision.outcome == "reject" else "wait"
-            return _wait(queue, leased, parent, f"gate: {decision.outcome}: " + "; ".join(decision.reasons), gate,
-                         status)
-
-        val_student = _logits(candidate, splits.val.texts, n_labels)
-        fields = calibrate_bundle_dir(staging, build_cfg, val_student, base_logits["val"], splits.val.labels,
-                                      test_student, base_logits["test"], splits.test.labels)
-        calibration = fields.pop("calibration")
-        fields |= {
-            "labels": parent.manifest.labels,
-            "max_length": build_cfg.max_length,
-            "source_data": parent.manifest.source_data | {"queue": {"records": len(learn),
-                                                                    "selection": len(select_texts),
-                                                                    "held_out": len(holdout)}},
-            "parent_version": parent.version,
-            "teacher_version": parent.teacher_version,
-            "teacher": parent.manifest.teacher,
-            "queue_records": [item.record.id for item in leased],
-            "metrics": {"quantization": quantization, "gate": gate},
-            "build": parent.manifest.build | {"redistill": cfg.model_dump()},
-        }
-        bundle = registry.publish(staging, fields)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    evaluation = evaluate_bundle(bundle, splits, bootstrap_samples=build_cfg.evaluation.bootstrap_samples,
-                                 latency_runs=build_cfg.evaluation.latency_runs, threads=threads,
-                                 teacher_logits_test=base_logits["test"])
-    write_report(bundle.path, {"evaluation": evaluation, "calibration": calibration,
-                               "build_seconds": time.time() - started})
-    promoted = cfg.promote and decision.outcome == "promote"
-    if promoted:
-        registry.promote(bundle.version)
-    # Only now, with the new version registered, are the records done with.
-    queue.ack([item.token for item in leased])
-    return RedistillResult(status="promoted" if promoted else "registered", version=bundle.version,
-                           parent_version=parent.version, gate=gate, records_used=len(leased),
-                           message=f"{bundle.version} registered from {len(learn)} queued records; "
-                           + "; ".join(decision.reasons))
+    if bundle is None:
+        assert gate.decision is not None
+        status = "rejected" if gate.decision.outcome == "reject" else "wait"
+        return _wait(queue, leased, parent, f"gate: {gate.decision.outcome}: " + "; ".join(gate.decision.reasons),
+                     gate.report, status)
+    return _registered(registry, queue, bundle, gate, cfg, slices)

@@ -1,46 +1,76 @@
-"""The per-request cascade, without Ray: student first, the teacher for unsure texts, degraded answers.
+"""The cascade, without Ray: one object for the request path and the replica's life.
 
-Extracted from the Serve ingress so the routing logic can be tested with a fake teacher and no
-cluster. The Gateway deployment owns one ``CascadeRouter`` and gives it the teacher as an async
-callable (a Serve handle call there, a plain coroutine in tests).
+``Cascade`` answers texts (student first, the teacher for unsure ones, degraded answers when the teacher
+cannot), admits or refuses requests, samples shadow calls, records teacher answers for distillation, swaps to
+a promoted bundle, and moves the threshold toward a target agreement. It takes everything it talks to as
+injected objects: the student opener and the teacher (``bundle.model.Model``), the queue writer's opener, the
+clock and a metrics sink. The Serve deployment (serving/gateway.py) is a thin HTTP adapter over it, and unit
+tests drive it with fakes and no Ray (an import-linter contract keeps this module free of Ray).
 
-Consistency across a swap: a promotion replaces one frozen ``Snapshot`` (bundle, student runtime,
-policy) by assignment. A request takes the snapshot once and everything downstream (student
-logits, temperature, threshold, labels, version) comes from it, so an answer never mixes two models.
+Consistency across a swap: a promotion replaces one frozen ``Snapshot`` (bundle, student, policy) by
+assignment. A request takes the snapshot once and everything downstream (student logits, temperature,
+threshold, labels, version) comes from it, so an answer never mixes two models.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from bundle.registry import Bundle
-from records.queue import feedback_records, teacher_answer_records
+from bundle.model import Model, open_model
+from bundle.registry import MANIFEST, STUDENT_FILES, Bundle, Registry
+from records.queue import feedback_records, open_queue, teacher_answer_records
 from records.writer import RecordWriter
-from routing.breaker import CircuitBreaker
-from routing.confidence import softmax
+from routing.confidence import ConfidenceMeasure, softmax
+from routing.controller import ControllerStep, ThresholdController
 from routing.estimate import LiveEvidence
-from routing.policy import DeferralPolicy, DegradedReason, Route, ShadowSampler, TeacherGate
-from serving.batching import OpportunisticBatcher
-from serving.metrics import GatewayMetrics
-from serving.settings import GatewayConfig
+from routing.policy import Decision, DeferralPolicy, Route, ShadowSampler
+from serving.settings import CostSettings, GatewayConfig, queue_url
+from serving.student_queue import Overloaded, StudentQueue
+from serving.teacher_guard import GuardedTeacher
+
+__all__ = ["Cascade", "MetricsSink", "Overloaded", "RejectedInput", "Snapshot"]
 
 logger = logging.getLogger("ray.serve")
 
-# The teacher as the router sees it: texts in, (raw logits, teacher version) out.
-TeacherCall = Callable[[list[str]], Awaitable[tuple[np.ndarray, str | None]]]
+
+class MetricsSink(Protocol):
+    """What the cascade reports; ``serving.metrics.GatewayMetrics`` exports it through Ray."""
+
+    def student_call(self, texts: int, seconds: float) -> None: ...
+    def confidences(self, values: list[float]) -> None: ...
+    def disagreed(self, texts: int, source: str) -> None: ...
+    def answered(self, results: list[dict[str, Any]], latency_s: float, cost: CostSettings,
+                 teacher_texts: int) -> None: ...
+    def shadowed(self, texts: int, agreed: int, cost: CostSettings) -> None: ...
+    def set_models(self, student_version: str, teacher_version: str) -> None: ...
+    def routing_state(self, threshold: float, share: float, budget: float) -> None: ...
+    def breaker(self, state: Any) -> None: ...
+    def live_estimates(self, agreement: Any, accuracy: Any) -> None: ...
+    def queue_counters(self, written: int, dropped: int, retried: int, backlog: int) -> None: ...
+    def controller(self, wanted: float | None) -> None: ...
 
 
-class StudentModel(Protocol):
-    def logits(self, texts: list[str]) -> np.ndarray: ...
+class RejectedInput(ValueError):
+    """A request the served bundle cannot take (an unknown label name): a 422 in HTTP."""
+
+
+class QueueFull(Exception):
+    """The queue writer's buffer took only ``queued`` of the records: a 503, send the rest again."""
+
+    def __init__(self, queued: int, total: int) -> None:
+        super().__init__(f"queue buffer full: {queued} of {total} texts queued, send the rest again later")
+        self.queued, self.total = queued, total
 
 
 @dataclass(frozen=True)
@@ -48,35 +78,21 @@ class Snapshot:
     """What one request is answered with; replaced whole on a swap, never changed in place."""
 
     bundle: Bundle
-    student: StudentModel
+    student: Model
     policy: DeferralPolicy
 
 
-class Overloaded(Exception):
-    """Over capacity: refused on arrival, or shed after waiting past its deadline before the student ran: 503."""
+StudentOpener = Callable[[Bundle, int], Model]
+WriterOpener = Callable[[str, GatewayConfig], RecordWriter]
 
 
-class ModelTime:
-    """The student's own seconds per text: a low quantile of its last batched calls.
+def open_onnx_student(bundle: Bundle, threads: int) -> Model:
+    return open_model("student-onnx", bundle, threads)
 
-    Timed around the call itself (on the worker thread), so the event loop's turns and whatever else holds the
-    cores between batches are left out; the low quantile also leaves out most calls slowed by contention, and
-    lands on the cost per text of the large batches a backlog runs in. Texts ahead times this is a floor of
-    their real drain time, so admission that refuses on it refuses only a backlog too long even at that pace.
-    """
 
-    def __init__(self, window: int = 64, quantile: float = 0.1) -> None:
-        self._samples: deque[float] = deque(maxlen=window)
-        self.quantile = quantile
-        self.per_text: float | None = None
-
-    def observe(self, seconds: float, texts: int) -> None:
-        """One call of ``texts`` texts that took ``seconds`` inside the model."""
-        if texts <= 0:
-            return
-        self._samples.append(seconds / texts)
-        ordered = sorted(self._samples)
-        self.per_text = ordered[int(self.quantile * (len(ordered) - 1))]
+def open_record_writer(url: str, config: GatewayConfig) -> RecordWriter:
+    return RecordWriter(lambda: open_queue(url), config.queue.buffer_size, config.queue.flush_interval_s,
+                        retention=config.queue.retention)
 
 
 def result(bundle: Bundle, probs: np.ndarray, confidence: float, served_by: str, reason: str | None,
@@ -95,191 +111,254 @@ def result(bundle: Bundle, probs: np.ndarray, confidence: float, served_by: str,
     }
 
 
-class CascadeRouter:
-    """Student inference, deferral, teacher protection (gate, breaker, timeout) and shadow sampling."""
+def _stack(decisions: list[Decision], indices: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and confidences of the picked decisions."""
+    return (np.stack([decisions[i].probabilities for i in indices]),
+            np.array([decisions[i].confidence for i in indices]))
 
-    def __init__(self, teacher: TeacherCall, config: GatewayConfig, metrics: GatewayMetrics,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
-        self.teacher = teacher
-        self.metrics = metrics
-        self.clock = clock
+
+class Cascade:
+    """Student inference, deferral, teacher protection, shadow sampling, recording, swaps and the controller."""
+
+    def __init__(self, teacher: Model, metrics: MetricsSink, *, open_student: StudentOpener = open_onnx_student,
+                 open_writer: WriterOpener = open_record_writer, clock: Callable[[], float] = time.perf_counter,
+                 max_ongoing_requests: Callable[[], int] | None = None) -> None:
+        self.metrics, self.clock = metrics, clock
+        self.open_student, self.open_writer = open_student, open_writer
+        self.max_ongoing_requests = max_ongoing_requests or (lambda: 10**9)
+        self.config = GatewayConfig()
         self.snapshot: Snapshot | None = None
-        self.gate = TeacherGate(0, 0.0)
-        self.breaker = CircuitBreaker()
+        self.teacher = GuardedTeacher(teacher)
+        self.students = StudentQueue(self.config.student, self.config.limits, metrics, clock)
         self.shadow = ShadowSampler(0.0)
         self.writer: RecordWriter | None = None
-        self.in_flight = 0
-        self.shadow_sent = 0
-        self.shadow_agreed = 0
+        self._writer_url: str | None = None
         self.evidence = LiveEvidence()  # the live agreement gauges' window
+        self.in_flight = 0
+        self.shadow_sent = self.shadow_agreed = 0
         # Picked shadow texts and whether the teacher took them (the last 1,000): a refused shadow call
         # (no spare capacity) thins the sample, so a record's probability is the share times this rate.
         self._shadow_outcomes: deque[tuple[int, int]] = deque(maxlen=1000)
         self._background: set[asyncio.Task] = set()
-        # One worker thread: ONNX Runtime work leaves the event loop, which keeps accepting
-        # requests (and filling the next batch) while a batch runs.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="student")
-        self._student_batcher: OpportunisticBatcher[tuple[StudentModel, str, float], np.ndarray | None] = (
-            OpportunisticBatcher(self._student_batch, config.student.max_batch_size,
-                                 config.student.batch_wait_timeout_s, clock=clock))
-        self.student_time = ModelTime()  # admission's floor on how fast the queue drains
-        self.config = config
+        self._swap_lock = threading.Lock()
+        self._controlled_at = clock()
+        self.controller_step: ControllerStep | None = None
+
+    # -- the replica's life -----------------------------------------------------------------------------
+    @property
+    def bundle(self) -> Bundle | None:
+        return None if self.snapshot is None else self.snapshot.bundle
+
+    def admission_limit(self) -> int:
+        return self.config.limits.admission_limit(self.max_ongoing_requests())
+
+    def reconfigure(self, config: GatewayConfig) -> None:
+        """Apply new settings: thresholds, limits, budget, model, queue. Refuses (ValueError) a headroom that
+        Ray's ``max_ongoing_requests`` leaves no room for, before changing anything."""
+        config.limits.admission_limit(self.max_ongoing_requests())
+        self._use_bundle(Registry(config.model.home).load(config.model.version, verify=STUDENT_FILES), config)
         self.configure(config)
 
     def configure(self, config: GatewayConfig) -> None:
-        """Apply live settings (not the bundle: ``snapshot`` is assigned by the owner)."""
-        teacher = config.teacher
-        self.gate.configure(teacher.max_concurrency, teacher.max_share, teacher.max_texts_per_s,
-                            teacher.budget_window_s, config.shadow.max_concurrency)
-        self.breaker.configure(teacher.breaker_failures, teacher.breaker_cooldown_s)
+        """Live settings other than the bundle: teacher protection, batching, limits, shadow share, queue."""
+        self.teacher.configure(config)
+        self.students.configure(config.student, config.limits)
         if self.shadow.share != config.shadow.share:
             self.shadow = ShadowSampler(config.shadow.share)
             self._shadow_outcomes.clear()  # the take rate under another share says nothing about this one
-        self._student_batcher.max_batch_size = config.student.max_batch_size
-        self._student_batcher.wait_s = config.student.batch_wait_timeout_s
+        self._use_queue(queue_url(config.queue.url, config.model.home), config)
         self.config = config
 
-    # -- the student ----------------------------------------------------------------------------
-    async def _student_batch(self, items: list[tuple[StudentModel, str, float]]) -> list[np.ndarray | None]:
-        """Run what queued; an item past its deadline is shed (None) instead of run. Items of a batch
-        that straddles a swap run on the student their request holds."""
-        now = self.clock()
-        out: list[np.ndarray | None] = [None] * len(items)
-        groups: dict[int, list[int]] = {}
-        for index, (student, _, deadline) in enumerate(items):
-            if now <= deadline:
-                groups.setdefault(id(student), []).append(index)
-        loop = asyncio.get_running_loop()
-        for indices in groups.values():
-            student = items[indices[0]][0]
-            started = self.clock()
-            logits = await loop.run_in_executor(self._executor, student.logits, [items[i][1] for i in indices])
-            elapsed = self.clock() - started
-            self.metrics.student.call(len(indices), elapsed)
-            self.student_time.observe(elapsed, len(indices))
-            for row, index in zip(logits, indices, strict=True):
-                out[index] = row
-        return out
-
-    async def _student_answer(self, snapshot: Snapshot, texts: list[str], deadline: float) -> np.ndarray:
-        """Student logits from the request's snapshot. A lone one-text request runs inline: with
-        nothing else in flight there is nothing to batch with, and the batch queue and worker-thread hop
-        were the largest fixed costs on that path (docs/performance.md). Under load, texts are batched
-        on the worker thread so the event loop keeps accepting."""
-        if len(texts) == 1 and self.in_flight <= 1:
-            # One turn of the loop first: requests that arrived together start and count themselves
-            # in, so a burst goes to the batch queue instead of running one by one on the loop.
-            await asyncio.sleep(0)
-        if len(texts) == 1 and self.in_flight <= 1:
-            started = self.clock()
-            logits = snapshot.student.logits(texts)
-            self.metrics.student.call(1, self.clock() - started)
-            return logits
-        # Queued synchronously (submit), right after the backlog check: the next request sees these texts.
-        rows = await asyncio.gather(*[self._student_batcher.submit((snapshot.student, t, deadline)) for t in texts])
-        if any(row is None for row in rows):
-            raise Overloaded(f"queued longer than {self.config.limits.queue_deadline_s} s before the student ran")
-        return np.stack(rows)
-
-    def _refuse_if_backlogged(self, texts: int, deadline: float) -> None:
-        """Refuse now (fast 503) only when the student's queue is falling behind: its oldest text has already
-        waited more than ``admission_wait_share`` of ``queue_deadline_s`` (a wait that happened, not an estimate),
-        or the texts ahead of this request (the running batch, the queue and its own) could not start within that
-        share of the time it may wait even at the model's own pace (``ModelTime``: a floor, which time spent
-        between batches does not inflate, unlike the queue's wall time per text). Queueing such a request would
-        only shed it at its deadline, slowly, and slow the rest. A closed loop offers no more than the queue
-        drains, so while the admission limit's texts fit in that share neither fires: it queues (the settings
-        show the arithmetic).
-        """
-        limits, batcher = self.config.limits, self._student_batcher
-        share = limits.admission_wait_share
-        waited = batcher.oldest_wait
-        if waited > share * limits.queue_deadline_s:
-            raise Overloaded(f"the oldest text queued for the student has waited {waited:.2f} s: more than "
-                             f"{share:g} of the {limits.queue_deadline_s:g} s queue deadline")
-        per_text, ahead = self.student_time.per_text, batcher.backlog
-        if per_text is None or ahead == 0:
+    def _use_queue(self, url: str, config: GatewayConfig) -> None:
+        """A new queue URL gets a new writer; the old one flushes what it holds on a thread of its own."""
+        if url == self._writer_url:
             return
-        if (ahead + texts) * per_text > share * (deadline - self.clock()):
-            raise Overloaded(f"{ahead} texts queued for the student, at least {ahead * per_text:.2f} s of model time: "
-                             f"more than {share:g} of the {limits.queue_deadline_s:g} s queue deadline")
+        old, self.writer, self._writer_url = self.writer, self.open_writer(url, config), url
+        if old is not None:
+            threading.Thread(target=old.close, daemon=True).start()
 
-    # -- the teacher ----------------------------------------------------------------------------
-    async def _ask_teacher(self, texts: list[str], enforce_budget: bool, shadow: bool = False
-                           ) -> tuple[np.ndarray | None, str | None, DegradedReason | None]:
-        """Teacher logits, or why not. The breaker answers at once while the teacher is known dead;
-        timeouts and errors count against it, gate refusals and cancellations do not."""
-        if self.breaker.state == "open":
-            return None, None, DegradedReason.UNAVAILABLE
-        refusal = self.gate.try_acquire_shadow(len(texts)) if shadow else self.gate.try_acquire(len(texts),
-                                                                                                  enforce_budget)
-        if refusal is not None:
-            return None, None, refusal
-        release = self.gate.release_shadow if shadow else self.gate.release
+    def _use_bundle(self, bundle: Bundle, config: GatewayConfig) -> None:
+        """Swap student, bundle and policy together as one frozen snapshot; requests in flight finish on the
+        snapshot they took. The same version with the same threads keeps its loaded student."""
+        with self._swap_lock:
+            current = self.snapshot
+            student = None if current is None else current.student
+            if (current is None or bundle.version != current.bundle.version
+                    or getattr(student, "threads", None) != config.student.threads):
+                student = self.open_student(bundle, config.student.threads)
+                logger.info("gateway serving student %s", bundle.version)
+            manifest = bundle.manifest
+            policy = DeferralPolicy(
+                threshold=config.routing.threshold if config.routing.threshold is not None else manifest.threshold,
+                temperature=manifest.temperatures.student,
+                measure=config.routing.confidence_measure or ConfidenceMeasure(manifest.confidence_measure),
+            )
+            self.snapshot = Snapshot(bundle, student, policy)
+
+    def start(self) -> threading.Thread:
+        """The replica's beat on a thread of its own: loading a promoted bundle never holds the event loop."""
+
+        def follow() -> None:
+            while True:
+                time.sleep(self.config.model.poll_interval_s)
+                self.beat()
+
+        thread = threading.Thread(target=follow, name="cascade-follow-current", daemon=True)
+        thread.start()
+        return thread
+
+    def beat(self) -> None:
+        """One beat: publish the gauges, step the threshold controller, swap to a newly promoted version."""
+        self._publish_state()
+        self.control_threshold()
+        self.follow_current()
+
+    def follow_current(self) -> None:
+        """Swap to the registry's current version (a promotion or a rollback), or to the same version with a
+        rewritten manifest (`cascade calibrate` saves a new threshold); a bad promotion keeps the running one."""
+        config = self.config
+        if config.model.version is not None:
+            return
         try:
-            if not self.breaker.allow():  # half-open with its probe already out
-                return None, None, DegradedReason.UNAVAILABLE
-            try:
-                logits, version = await asyncio.wait_for(self.teacher(texts), self.config.teacher.timeout_s)
-            except TimeoutError:
-                self.breaker.record_failure()
-                return None, None, DegradedReason.TIMEOUT
-            except Exception as exc:  # any failure of the teacher degrades, never fails, the request
-                self.breaker.record_failure()
-                logger.warning("teacher call failed: %s: %s", type(exc).__name__, exc)
-                return None, None, DegradedReason.ERROR
-            self.breaker.record_success()
-            return np.asarray(logits, dtype=np.float64), version, None
-        finally:
-            release()
+            registry, bundle = Registry(config.model.home), self.bundle
+            current = registry.current_version()
+            if current and bundle is not None and (current != bundle.version or self._manifest_changed(bundle)):
+                self._use_bundle(registry.load(current, verify=STUDENT_FILES), config)
+        except Exception as exc:
+            logger.error("not swapping to the new current model: %s", exc)
 
-    # -- one request ----------------------------------------------------------------------------
-    async def classify_texts(self, texts: list[str], route: Route, started: float | None = None
-                             ) -> list[dict[str, Any]]:
-        """Answer ``texts``; ``started`` (this router's clock) is when the request arrived, for the
-        queue deadline. Raises ``Overloaded`` when shed."""
-        snapshot = self.snapshot
+    @staticmethod
+    def _manifest_changed(bundle: Bundle) -> bool:
+        """The served version's manifest on disk differs from the one loaded (one small file read per beat)."""
+        try:
+            return type(bundle.manifest).model_validate_json((bundle.path / MANIFEST).read_text()) != bundle.manifest
+        except (OSError, ValueError):
+            return False
+
+    def control_threshold(self) -> None:
+        """``routing.target_agreement``: every ``controller.interval_s``, move the threshold toward the cheapest
+        one that holds the target on this replica's recent answers (routing/controller.py). Answers of another
+        student or teacher version are not evidence about this one; a swap starts again from the bundle's."""
+        routing = self.config.routing
+        if routing.target_agreement is None or self.clock() - self._controlled_at < routing.controller.interval_s:
+            return
+        self._controlled_at = self.clock()
+        controller = ThresholdController(routing.target_agreement,
+                                         **routing.controller.model_dump(exclude={"interval_s"}))
+        with self._swap_lock:
+            snapshot = self.snapshot
+            if snapshot is None:
+                return
+            evidence = self.evidence.evidence()
+            if evidence is not None and (evidence.student_version, evidence.teacher_version) != (
+                    snapshot.bundle.version, snapshot.bundle.teacher_version):
+                evidence = None
+            step = self.controller_step = controller.step(snapshot.policy.threshold, evidence)
+            self.metrics.controller(step.wanted)
+            if step.threshold != snapshot.policy.threshold:
+                policy = dataclasses.replace(snapshot.policy, threshold=step.threshold)
+                self.snapshot = Snapshot(snapshot.bundle, snapshot.student, policy)
+                logger.info("threshold %.4f -> %.4f (target agreement %.3f; %s)", snapshot.policy.threshold,
+                            step.threshold, routing.target_agreement, step.reason)
+
+    def _publish_state(self) -> None:
+        """Gauges and queue counters, refreshed on the beat (never on the request path)."""
+        snapshot, writer, metrics = self.snapshot, self.writer, self.metrics
+        if snapshot is None:
+            return
+        metrics.set_models(snapshot.bundle.version, snapshot.bundle.teacher_version)
+        metrics.routing_state(snapshot.policy.threshold, self.teacher.gate.share(), self.config.teacher.max_share)
+        metrics.breaker(self.teacher.breaker.state)
+        metrics.live_estimates(*self.evidence.estimate())
+        if writer is not None:
+            metrics.queue_counters(writer.written, writer.dropped, writer.retried, writer.backlog)
+
+    def status(self) -> dict[str, Any]:
+        """What this replica serves now: bundle, live threshold, controller, teacher share, queue, settings."""
+        snapshot, writer, step = self.snapshot, self.writer, self.controller_step
         assert snapshot is not None, "no model loaded"
-        bundle, policy = snapshot.bundle, snapshot.policy
+        return {
+            "student_version": snapshot.bundle.version,
+            "threshold": snapshot.policy.threshold,
+            "threshold_controller": None if self.config.routing.target_agreement is None or step is None
+            else dataclasses.asdict(step),
+            "confidence_measure": snapshot.policy.measure.value,
+            "teacher_share": self.teacher.gate.share(),
+            "teacher_breaker": self.teacher.breaker.state.value,
+            "in_flight": self.in_flight,
+            "admission_limit": self.admission_limit(),
+            "shadow": {"texts": self.shadow_sent, "agreed": self.shadow_agreed},
+            "queue": None if writer is None else {"written": writer.written, "dropped": writer.dropped,
+                                                  "retried": writer.retried, "backlog": writer.backlog},
+            "config": self.config.model_dump(mode="json"),
+        }
+
+    # -- one request --------------------------------------------------------------------------------------
+    @contextmanager
+    def admitted(self) -> Iterator[None]:
+        """One admission limit, below Ray's ``max_ongoing_requests`` so the cascade's refusal fires first."""
+        if self.in_flight >= self.admission_limit():
+            raise Overloaded("too many requests in flight")
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+    def _deadline(self, started: float | None) -> float:
         deadline = (started if started is not None else self.clock()) + self.config.limits.queue_deadline_s
         if self.clock() > deadline:
             raise Overloaded(f"queued longer than {self.config.limits.queue_deadline_s} s before it started")
-        if route is not Route.TEACHER:
-            self._refuse_if_backlogged(len(texts), deadline)
-        teacher_version, reason = bundle.teacher_version, None
+        return deadline
+
+    async def _student(self, snapshot: Snapshot, texts: list[str], deadline: float) -> np.ndarray:
+        return await self.students.logits(snapshot.student, texts, deadline, lambda: self.in_flight <= 1)
+
+    async def classify(self, texts: list[str], route: Route, started: float | None = None) -> list[dict[str, Any]]:
+        """Answer ``texts``; ``started`` (this cascade's clock) is when the request arrived, for the queue
+        deadline. Raises ``Overloaded`` when refused or shed. Counts the answers in the metrics."""
+        snapshot = self.snapshot
+        assert snapshot is not None, "no model loaded"
+        started = self.clock() if started is None else started
+        deadline = self._deadline(started)
+        results = None
         if route is Route.TEACHER:
-            # Forced teacher: the student is not run unless the teacher fails (then it answers, degraded),
-            # so "teacher only" costs what the teacher alone costs.
-            teacher_logits, version, reason = await self._ask_teacher(texts, enforce_budget=False)
-            if teacher_logits is not None:
-                probs = softmax(teacher_logits, bundle.manifest.temperatures.teacher)
-                return [result(bundle, row, float(np.max(row)), "teacher", None, version or teacher_version)
-                        for row in probs]
-        logits = await self._student_answer(snapshot, texts, deadline)
-        decisions = policy.decide(logits, route)
-        for decision in decisions:
-            self.metrics.confidence.observe(decision.confidence)
-        if route is Route.AUTO:
-            self.gate.observe(len(texts))
+            results, reason = await self._teacher_only(snapshot, texts)
+        else:
+            self.students.refuse_if_backlogged(len(texts), deadline)
+            reason = None
+        if results is None:
+            results = await self._cascade(snapshot, texts, route, deadline, reason)
+        teacher_texts = sum(1 for r in results if r["served_by"] == "teacher")
+        self.metrics.answered(results, self.clock() - started, self.config.cost, teacher_texts)
+        return results
+
+    async def _teacher_only(self, snapshot: Snapshot, texts: list[str]) -> tuple[list[dict] | None, Any]:
+        """Forced teacher: the student is not run unless the teacher fails (then it answers, degraded), so
+        "teacher only" costs what the teacher alone costs."""
+        answer = await self.teacher.ask(texts, enforce_budget=False)
+        if answer.logits is None:
+            return None, answer.refused
+        bundle = snapshot.bundle
+        probs = softmax(answer.logits, bundle.manifest.temperatures.teacher)
+        version = answer.version or bundle.teacher_version
+        return [result(bundle, row, float(np.max(row)), "teacher", None, version) for row in probs], None
+
+    async def _cascade(self, snapshot: Snapshot, texts: list[str], route: Route, deadline: float,
+                       reason: Any) -> list[dict[str, Any]]:
+        """Student first; on the auto route, unsure texts to the teacher and a shadow sample of the rest."""
+        bundle, policy = snapshot.bundle, snapshot.policy
+        decisions = policy.decide(await self._student(snapshot, texts, deadline), route)
+        self.metrics.confidences([d.confidence for d in decisions])
         deferred = [i for i, d in enumerate(decisions) if d.to_teacher]
-        teacher_probs: np.ndarray | None = None
-        if deferred and route is Route.AUTO:
-            teacher_logits, version, reason = await self._ask_teacher([texts[i] for i in deferred], enforce_budget=True)
-            if teacher_logits is not None:
-                teacher_probs = softmax(teacher_logits, bundle.manifest.temperatures.teacher)
-                teacher_version = version or teacher_version
-                self._record([texts[i] for i in deferred], np.stack([decisions[i].probabilities for i in deferred]),
-                             teacher_probs, bundle, teacher_version, "fallback", 1.0, policy.threshold,
-                             np.array([decisions[i].confidence for i in deferred]))
+        teacher_probs, teacher_version = None, bundle.teacher_version
         if route is Route.AUTO:
-            shadowed = self.shadow.pick([i for i, d in enumerate(decisions) if not d.to_teacher])
-            if shadowed:
-                self._spawn(self._shadow([texts[i] for i in shadowed],
-                                         np.stack([decisions[i].probabilities for i in shadowed]), bundle,
-                                         np.array([decisions[i].confidence for i in shadowed]), policy.threshold,
-                                         self.shadow.share))
-        results = []
+            self.teacher.gate.observe(len(texts))
+            if deferred:
+                teacher_probs, teacher_version, reason = await self._defer(snapshot, texts, decisions, deferred)
+            self._sample_shadow(snapshot, texts, decisions)
         teacher_row = {index: row for row, index in enumerate(deferred)}
+        results = []
         for i, decision in enumerate(decisions):
             if i in teacher_row and teacher_probs is not None:
                 probs = teacher_probs[teacher_row[i]]
@@ -290,7 +369,50 @@ class CascadeRouter:
                                       why, teacher_version, degraded=i in teacher_row))
         return results
 
-    # -- the loop back to distillation -----------------------------------------------------------
+    async def _defer(self, snapshot: Snapshot, texts: list[str], decisions: list[Decision], deferred: list[int]
+                     ) -> tuple[np.ndarray | None, str, Any]:
+        """Ask the teacher about the unsure texts (within the budget) and record its answers."""
+        bundle = snapshot.bundle
+        answer = await self.teacher.ask([texts[i] for i in deferred], enforce_budget=True)
+        if answer.logits is None:
+            return None, bundle.teacher_version, answer.refused
+        teacher_probs = softmax(answer.logits, bundle.manifest.temperatures.teacher)
+        version = answer.version or bundle.teacher_version
+        student_probs, confidences = _stack(decisions, deferred)
+        self._record([texts[i] for i in deferred], student_probs, teacher_probs, bundle, version, "fallback", 1.0,
+                     snapshot.policy.threshold, confidences)
+        return teacher_probs, version, None
+
+    # -- the loop back to distillation --------------------------------------------------------------------
+    def _sample_shadow(self, snapshot: Snapshot, texts: list[str], decisions: list[Decision]) -> None:
+        shadowed = self.shadow.pick([i for i, d in enumerate(decisions) if not d.to_teacher])
+        if not shadowed:
+            return
+        student_probs, confidences = _stack(decisions, shadowed)
+        task = asyncio.get_running_loop().create_task(self._shadow(
+            [texts[i] for i in shadowed], student_probs, snapshot, confidences, self.shadow.share))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _shadow(self, texts: list[str], student_probs: np.ndarray, snapshot: Snapshot,
+                      confidences: np.ndarray, share: float) -> None:
+        """Ask the teacher about texts the student already answered; the request has gone.
+        Only spare teacher capacity is used (``TeacherGate.try_acquire_shadow``)."""
+        answer = await self.teacher.ask(texts, enforce_budget=True, shadow=True)
+        self._shadow_outcomes.append((len(texts), 0 if answer.logits is None else len(texts)))
+        if answer.logits is None:
+            return
+        picked, taken = (sum(column) for column in zip(*self._shadow_outcomes, strict=True))
+        share *= taken / picked  # refusals are taken as independent of the text (they depend on load)
+        bundle = snapshot.bundle
+        teacher_probs = softmax(answer.logits, bundle.manifest.temperatures.teacher)
+        agreed = int((teacher_probs.argmax(-1) == student_probs.argmax(-1)).sum())
+        self.shadow_sent += len(texts)
+        self.shadow_agreed += agreed
+        self.metrics.shadowed(len(texts), agreed, self.config.cost)
+        self._record(texts, student_probs, teacher_probs, bundle, answer.version or bundle.teacher_version,
+                     "shadow", share, snapshot.policy.threshold, confidences)
+
     def _record(self, texts: list[str], student_probs: np.ndarray, teacher_probs: np.ndarray, bundle: Bundle,
                 teacher_version: str, reason: Literal["fallback", "shadow"], sampling_probability: float,
                 threshold: float, confidences: np.ndarray) -> None:
@@ -298,7 +420,7 @@ class CascadeRouter:
         never blocks (a full buffer is counted). The live estimate's window gets every answer."""
         disagreements = int((student_probs.argmax(-1) != teacher_probs.argmax(-1)).sum())
         if disagreements:
-            self.metrics.disagreements.inc(disagreements, tags={"source": reason})
+            self.metrics.disagreed(disagreements, reason)
         self.evidence.add(np.full(len(texts), 1.0 / sampling_probability), confidences, threshold,
                           student_probs.argmax(-1), teacher_probs.argmax(-1), bundle.version, teacher_version)
         writer = self.writer
@@ -309,51 +431,37 @@ class CascadeRouter:
                                              confidences, agreement_share=self.shadow.share):
             writer.submit(record)
 
-    def _spawn(self, coroutine) -> None:
-        task = asyncio.get_running_loop().create_task(coroutine)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _shadow(self, texts: list[str], student_probs: np.ndarray, bundle: Bundle, confidences: np.ndarray,
-                      threshold: float, share: float) -> None:
-        """Ask the teacher about texts the student already answered; the request has gone.
-        Only spare teacher capacity is used (``TeacherGate.try_acquire_shadow``)."""
-        teacher_logits, version, _ = await self._ask_teacher(texts, enforce_budget=True, shadow=True)
-        self._shadow_outcomes.append((len(texts), 0 if teacher_logits is None else len(texts)))
-        if teacher_logits is None:
-            return
-        picked, taken = (sum(column) for column in zip(*self._shadow_outcomes, strict=True))
-        share *= taken / picked  # refusals are taken as independent of the text (they depend on load)
-        teacher_probs = softmax(teacher_logits, bundle.manifest.temperatures.teacher)
-        agreed = int((teacher_probs.argmax(-1) == student_probs.argmax(-1)).sum())
-        self.shadow_sent += len(texts)
-        self.shadow_agreed += agreed
-        self.metrics.shadowed(len(texts), agreed, self.config.cost)
-        self._record(texts, student_probs, teacher_probs, bundle, version or bundle.teacher_version, "shadow", share,
-                     threshold, confidences)
-
-    async def feedback(self, texts: list[str], labels: list[int]) -> int:
+    async def feedback(self, texts: list[str], label_names: list[str]) -> int:
         """Queue texts with their true labels (``/v1/feedback``), with both models' answers for the live
         accuracy estimate; the teacher is asked outside the auto-traffic budget (feedback is small and
-        rare), and a teacher that cannot answer leaves its field empty. Returns the records queued."""
+        rare), and a teacher that cannot answer leaves its field empty. Returns the records queued;
+        raises ``RejectedInput`` on an unknown label and ``QueueFull`` when the buffer took only some."""
         snapshot = self.snapshot
         assert snapshot is not None, "no model loaded"
         bundle, policy = snapshot.bundle, snapshot.policy
-        logits = await self._student_answer(snapshot, texts, self.clock() + self.config.limits.queue_deadline_s)
-        decisions = policy.decide(logits, Route.AUTO)
-        student_probs = np.stack([d.probabilities for d in decisions])
-        confidences = np.array([d.confidence for d in decisions])
-        teacher_logits, version, _ = await self._ask_teacher(texts, enforce_budget=False)
-        teacher_probs = None if teacher_logits is None else softmax(teacher_logits,
-                                                                   bundle.manifest.temperatures.teacher)
-        teacher_version = version or bundle.teacher_version
-        records = feedback_records(texts, labels, student_probs, teacher_probs, bundle.version, teacher_version,
-                                   policy.threshold, confidences)
+        names = bundle.manifest.labels
+        unknown = sorted({label for label in label_names if label not in names})
+        if unknown:
+            raise RejectedInput(f"unknown labels {unknown}; labels: {names}")
+        labels = [names.index(label) for label in label_names]
+        decisions = policy.decide(await self._student(snapshot, texts, self._deadline(None)), Route.AUTO)
+        student_probs, confidences = _stack(decisions, list(range(len(texts))))
+        answer = await self.teacher.ask(texts, enforce_budget=False)
+        teacher_probs = None if answer.logits is None else softmax(answer.logits,
+                                                                  bundle.manifest.temperatures.teacher)
+        teacher_version = answer.version or bundle.teacher_version
         deferred = confidences < policy.threshold
         cascade = student_probs.argmax(-1) if teacher_probs is None else np.where(
             deferred, teacher_probs.argmax(-1), student_probs.argmax(-1))
         self.evidence.add_labelled(labels, cascade, bundle.version, teacher_version, student_probs.argmax(-1))
+        return self._queue_feedback(feedback_records(texts, labels, student_probs, teacher_probs, bundle.version,
+                                                     teacher_version, policy.threshold, confidences))
+
+    def _queue_feedback(self, records: list) -> int:
         writer = self.writer
         if writer is None:
             raise RuntimeError("no distillation queue configured")
-        return sum(writer.submit(record) for record in records)
+        queued = sum(writer.submit(record) for record in records)
+        if queued < len(records):
+            raise QueueFull(queued, len(records))
+        return queued

@@ -59,7 +59,7 @@ class ModelCallMetrics:
 
 
 class GatewayMetrics:
-    """The gateway replica's metrics (student path, routing, queue, cost)."""
+    """The gateway replica's metrics (student path, routing, queue, cost): the cascade's ``MetricsSink``."""
 
     def __init__(self) -> None:
         self.requests = Counter("cascade_requests", description="Texts answered, by who answered and outcome.",
@@ -104,6 +104,16 @@ class GatewayMetrics:
         self.live_evidence = Gauge("cascade_live_evidence", description="Teacher answers (records) and effective "
                                    "sample size behind the live agreement estimate.", tag_keys=("stat",))
         self._queue_seen = {"written": 0, "dropped": 0, "retried": 0}
+
+    def student_call(self, texts: int, seconds: float) -> None:
+        self.student.call(texts, seconds)
+
+    def confidences(self, values: list[float]) -> None:
+        for value in values:
+            self.confidence.observe(value)
+
+    def disagreed(self, texts: int, source: str) -> None:
+        self.disagreements.inc(texts, tags={"source": source})
 
     def set_models(self, student_version: str, teacher_version: str) -> None:
         """Set on every beat: Ray exports a gauge only while it keeps being set, so a swapped-out

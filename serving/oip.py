@@ -266,3 +266,16 @@ def encode_response(model_name: str, model_version: str, request_id: str, output
     if not raw:
         return EncodedResponse(header, None)
     return EncodedResponse(header + b"".join(raw), len(header))
+
+
+def model_metadata(name: str, version: str, labels: int) -> dict[str, Any]:
+    """``GET /v2/models/{name}``: one BYTES input of texts; the outputs of ``OUTPUTS``."""
+    platform = "cascade" if name == "cascade" else ("onnxruntime" if name == "student" else "pytorch")
+    return {
+        "name": name,
+        "versions": [version],
+        "platform": platform,
+        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
+        "outputs": [{"name": output, "datatype": datatype, "shape": [-1, labels] if output == "probabilities" else [-1]}
+                    for output, datatype in OUTPUTS.items()],
+    }

@@ -5,7 +5,8 @@ weights on transformers (``runtime.device``: cpu, cuda or auto; the Serve config
 ``ray_actor_options.num_gpus`` places the replica on a GPU node); ``remote`` calls an Open Inference
 Protocol v2 server through ``bundle.teachers.RemoteTeacher`` (pooled, time-limited, retried, with a circuit
 breaker, so while the server is down a deferred text fails at once and the gateway answers it degraded).
-The gateway's contract is the same for both: ``classify`` returns the teacher version and raw logits.
+The gateway's contract is the same for both: ``predict`` returns the teacher version and raw logits, and
+the gateway holds the deployment as a ``bundle.model.Model`` through ``ServeTeacher``.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from bundle.model import Model
 from bundle.registry import TEACHER_FILES, Bundle, Registry
-from bundle.teachers import TeacherClient, open_teacher
+from bundle.teachers import open_teacher
 from routing.breaker import CircuitBreaker
 from serving.batching import OpportunisticBatcher
 from serving.metrics import ModelCallMetrics
@@ -36,7 +38,7 @@ class Teacher:
         self.settings = ModelSettings.model_validate(model or {})
         self.runtime_settings = TeacherRuntimeSettings()
         self.version: str | None = None
-        self.client: TeacherClient | None = None
+        self.client: Model | None = None
         self._loaded_key: tuple[Any, ...] | None = None
         self._lock = threading.Lock()
         self.metrics = ModelCallMetrics("teacher")
@@ -62,22 +64,22 @@ class Teacher:
         if old is not None:
             self._close_later(old)
 
-    def _open(self, bundle: Bundle, runtime: TeacherRuntimeSettings) -> TeacherClient:
+    def _open(self, bundle: Bundle, runtime: TeacherRuntimeSettings) -> Model:
         manifest = bundle.manifest
         remote = manifest.teacher.remote
         breaker = None if remote is None else CircuitBreaker(remote.breaker_failures, remote.breaker_reset_s)
         return open_teacher(manifest.teacher, bundle.path, manifest.labels, max_length=manifest.max_length,
                             threads=self.threads, device=runtime.device, remote_url=runtime.remote_url,
-                            breaker=breaker, runtime=runtime.engine)
+                            breaker=breaker, runtime=runtime.engine, version=bundle.teacher_version)
 
     @staticmethod
-    def _close_later(client: TeacherClient) -> None:
+    def _close_later(client: Model) -> None:
         """A replaced remote client's pool belongs to the replica's event loop; calls in flight finish first."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # opened on another thread: its connections close with the loop's garbage
-        loop.call_later(30.0, lambda: loop.create_task(client.aclose()))
+        loop.call_later(30.0, lambda: loop.create_task(client.close()))
 
     def _follow_current(self) -> None:
         while True:
@@ -102,18 +104,16 @@ class Teacher:
         # A local teacher's PyTorch work runs on a worker thread; a remote one awaits HTTP: either way the event
         # loop keeps batching and answering health checks.
         started = time.perf_counter()
-        logits = await client.logits(texts)
+        logits = await client.predict(texts)
         self.metrics.call(len(texts), time.perf_counter() - started)
         return list(logits)
 
-    async def classify(self, texts: list[str]) -> dict[str, Any]:
+    async def predict(self, texts: list[str]) -> dict[str, Any]:
+        """Raw logits in the bundle's label order, and the teacher version that gave them."""
         version = self.version
         rows = await asyncio.gather(*(self._batcher(text) for text in texts))
         # An ndarray crosses the handle as one buffer (Ray serialises numpy without per-element objects).
         return {"version": version, "logits": np.stack(rows)}
-
-    async def ready(self) -> str | None:
-        return self.version
 
     async def state(self) -> dict[str, Any]:
         """For the gateway's readiness answer: the teacher's kind, version and, for a remote one, whether the
@@ -122,3 +122,32 @@ class Teacher:
         if client is None:
             return {"version": None, "ready": False}
         return {"version": self.version, "ready": await client.ready(), **client.state()}
+
+
+class ServeTeacher:
+    """The Teacher deployment, seen from the gateway through its Serve handle, as a ``bundle.model.Model``."""
+
+    kind = "serve"
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.labels: list[str] = []
+        self.identity = "serve:Teacher"
+        self.version: str | None = None
+
+    def load(self) -> None:
+        """The deployment loads its own teacher."""
+
+    async def predict(self, texts: list[str]) -> np.ndarray:
+        answer = await self.handle.predict.remote(texts)
+        self.version = answer["version"]
+        return np.asarray(answer["logits"], dtype=np.float64)
+
+    async def ready(self) -> bool:
+        return bool((await self.handle.state.remote()).get("ready"))
+
+    async def close(self) -> None:
+        """The handle belongs to Serve."""
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": self.kind, "version": self.version}

@@ -1,4 +1,4 @@
-"""Admission under load (serving/cascade.py): a closed loop queues; arrivals past capacity are refused at once.
+"""Admission under load (serving/student_queue.py): a closed loop queues; arrivals past capacity are refused.
 
 A discrete-event simulation, no Ray and no threads. The event loop runs on virtual time (a wait for the next
 timer moves the clock instead of sleeping), the student's worker thread answers a call a fixed time per text
@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 
 from routing.policy import DeferralPolicy, Route
-from serving.cascade import CascadeRouter, ModelTime, Overloaded, Snapshot
+from serving.cascade import Overloaded, Snapshot
 from serving.deployment import DEPLOYMENT_OPTIONS
-from serving.metrics import GatewayMetrics
 from serving.settings import GatewayConfig, LimitSettings
-from tests.unit.test_gateway_logic import Student, Teacher, bundle
+from serving.student_queue import ModelTime
+from tests.fakes import BlockedStudent, FakeStudent, FakeTeacher, make_cascade, run
+from tests.fakes import fake_bundle as bundle
 
 MODEL_S_PER_TEXT = 0.003  # the default student on the 2-core development machine
 LIMITS = LimitSettings()
@@ -53,16 +54,17 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         return self.now
 
 
-class TimedStudent(Student):
-    """The student whose call takes ``MODEL_S_PER_TEXT`` per text of virtual time, holding whoever calls it."""
+class TimedStudent(FakeStudent):
+    """The student whose call takes ``MODEL_S_PER_TEXT`` per text of virtual time, on its worker thread."""
 
     def __init__(self, loop: VirtualTimeLoop) -> None:
         super().__init__()
         self.loop = loop
+        self._executor = WorkerThread(loop)
 
-    def logits(self, texts: list[str]) -> np.ndarray:
+    def run(self, texts: list[str]) -> np.ndarray:
         self.loop.now += MODEL_S_PER_TEXT * len(texts)
-        return super().logits(texts)
+        return super().run(texts)
 
 
 class WorkerThread(concurrent.futures.Executor):
@@ -100,12 +102,10 @@ class Replica:
 
     def __init__(self, loop: VirtualTimeLoop, wall_per_model: float = 1.0, **limits: Any) -> None:
         self.loop = loop
-        config = GatewayConfig.model_validate({"shadow": {"share": 0.0}, "limits": limits})
-        self.cascade = CascadeRouter(Teacher(), config, GatewayMetrics(), clock=loop.time)
-        self.cascade.snapshot = Snapshot(bundle("v1"), TimedStudent(loop), DeferralPolicy(threshold=0.9))
-        self.cascade._executor = WorkerThread(loop)
+        self.cascade = make_cascade(fake_student=TimedStudent(loop), clock=loop.time, limits=limits)
+        self.cascade.max_ongoing_requests = lambda: DEPLOYMENT_OPTIONS["Gateway"]["max_ongoing_requests"]
         self.batch_sizes: list[int] = []
-        batcher = self.cascade._student_batcher
+        batcher = self.cascade.students.batcher
         run_batch = batcher.run_batch
 
         async def beside_a_neighbour(items: list) -> list[np.ndarray | None]:
@@ -119,19 +119,13 @@ class Replica:
 
     async def request(self, texts: list[str], arrived: float | None = None) -> None:
         """One request that arrived at ``arrived`` (default now), answered or refused."""
-        cascade = self.cascade
         arrived = self.loop.time() if arrived is None else arrived
-        if cascade.in_flight >= ADMISSION_LIMIT:
-            self.outcomes.append(Outcome(arrived, self.loop.time(), "admission limit"))
-            return
-        cascade.in_flight += 1
         try:
-            await cascade.classify_texts(texts, Route.STUDENT, started=arrived)
+            with self.cascade.admitted():
+                await self.cascade.classify(texts, Route.STUDENT, started=arrived)
             refused = None
         except Overloaded as exc:
             refused = str(exc)
-        finally:
-            cascade.in_flight -= 1
         self.outcomes.append(Outcome(arrived, self.loop.time(), refused))
 
 
@@ -228,7 +222,7 @@ def test_the_time_per_text_is_the_models_not_the_queues_wall_time() -> None:
     replica = simulate(closed_loop(96, rounds=10), wall_per_model=5.0)
     wall_per_text = max(o.finished for o in replica.outcomes) / texts_of(replica.outcomes)
     assert wall_per_text == pytest.approx(5 * MODEL_S_PER_TEXT, rel=0.05)
-    assert replica.cascade.student_time.per_text == pytest.approx(MODEL_S_PER_TEXT)
+    assert replica.cascade.students.model_time.per_text == pytest.approx(MODEL_S_PER_TEXT)
 
 
 def test_the_model_time_is_a_low_quantile_so_contended_calls_do_not_raise_it() -> None:
@@ -258,16 +252,16 @@ def test_a_queue_that_is_not_draining_refuses_on_its_oldest_texts_age() -> None:
             await stuck  # the student call hangs (a stall, a page fault storm, a core taken away)
             return [np.zeros(2)] * len(items)
 
-        cascade._student_batcher.run_batch = stalled
-        first = asyncio.ensure_future(cascade._student_answer(cascade.snapshot, ["sure a"], loop.time() + 10))
+        cascade.students.batcher.run_batch = stalled
+        first = asyncio.ensure_future(cascade._student(cascade.snapshot, ["sure a"], loop.time() + 10))
         await asyncio.sleep(0.01)
-        queued = asyncio.ensure_future(cascade._student_answer(cascade.snapshot, ["sure b"], loop.time() + 10))
+        queued = asyncio.ensure_future(cascade._student(cascade.snapshot, ["sure b"], loop.time() + 10))
         await asyncio.sleep(LIMITS.admission_wait_share * LIMITS.queue_deadline_s - 0.01)
-        assert cascade.student_time.per_text is None
+        assert cascade.students.model_time.per_text is None
         admitted = asyncio.ensure_future(replica.request(["sure c"]))  # the oldest has waited just under the share
         await asyncio.sleep(0.02)
         await replica.request(["sure d"])  # now over it: refused on arrival
-        assert cascade._student_batcher.waiting == 2  # b and c wait; d never joined
+        assert cascade.students.batcher.waiting == 2  # b and c wait; d never joined
         stuck.set_result(None)
         await asyncio.gather(first, queued, admitted)
 
@@ -276,3 +270,41 @@ def test_a_queue_that_is_not_draining_refuses_on_its_oldest_texts_age() -> None:
     assert refused.refused is not None and "oldest text queued for the student" in refused.refused
     assert refused.seconds == 0
     assert answered.refused is None
+
+
+# -- the backlog check on a real worker thread ------------------------------------------------------------
+@pytest.mark.parametrize("route", [Route.AUTO, Route.STUDENT])
+def test_the_requests_own_texts_count_towards_the_backlog(route: Route) -> None:
+    """1 running + 4 queued texts at 0.045 s each start within half the 0.5 s deadline (the admission share),
+    but with the request's own 2 they would not: refused at once."""
+    cascade = make_cascade(FakeTeacher(), limits={"queue_deadline_s": 0.5})
+    student = BlockedStudent()
+    cascade.snapshot = Snapshot(bundle("v1"), student, DeferralPolicy(threshold=0.9))
+
+    async def scenario() -> str:
+        cascade.in_flight = 2
+        running = asyncio.create_task(cascade._student(cascade.snapshot, ["sure a"], cascade.clock() + 10))
+        await asyncio.sleep(0.05)
+        queued = asyncio.create_task(cascade._student(cascade.snapshot, ["sure"] * 4, cascade.clock() + 10))
+        await asyncio.sleep(0.05)
+        cascade.students.model_time.observe(0.045, 1)
+        try:
+            await cascade.classify(["sure c", "sure d"], route)
+            refusal = ""
+        except Overloaded as exc:
+            refusal = str(exc)
+        student.release.set()
+        await asyncio.gather(running, queued)
+        return refusal
+
+    assert "5 texts queued for the student" in run(scenario())  # 1 running + 4 queued
+
+
+def test_the_student_cost_per_text_is_measured_on_batched_calls() -> None:
+    cascade = make_cascade(FakeTeacher())
+    cascade.in_flight = 2
+    assert cascade.students.model_time.per_text is None
+    run(cascade._student(cascade.snapshot, ["sure a", "sure b"], cascade.clock() + 10))
+    assert (cascade.students.model_time.per_text or 0) > 0
+
+

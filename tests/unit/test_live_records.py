@@ -7,27 +7,22 @@ from pathlib import Path
 
 from records.queue import SqliteQueue
 from records.writer import RecordWriter
-from routing.policy import DeferralPolicy, Route
-from serving.cascade import CascadeRouter, Snapshot
-from serving.metrics import GatewayMetrics
-from serving.settings import GatewayConfig
-from tests.unit.test_gateway_logic import Student, Teacher, bundle
+from routing.policy import Route
+from tests.fakes import FakeStudent, make_cascade
 
 
 def recorded(tmp_path: Path, shadow_share: float, texts: list[str],
-             feedback: tuple[list[str], list[int]] | None = None):
+             feedback: tuple[list[str], list[str]] | None = None):
     """Run one auto request (and optional feedback) through a router and return the queued records."""
-    config = GatewayConfig.model_validate({"shadow": {"share": shadow_share, "max_concurrency": 8},
-                                          "teacher": {"max_share": 1.0},
-                                          "queue": {"keep": "disagreements"}})
-    router = CascadeRouter(Teacher(), config, GatewayMetrics())
-    # scale -1: the student answers label 1 like the fake teacher, sure on "sure" texts, unsure on the rest.
-    router.snapshot = Snapshot(bundle("v1"), Student(scale=-1.0), DeferralPolicy(threshold=0.9))
     path = tmp_path / "queue.db"
-    router.writer = RecordWriter(lambda: SqliteQueue(path), flush_interval_s=0.05)
+    writer = RecordWriter(lambda: SqliteQueue(path), flush_interval_s=0.05)
+    # scale -1: the student answers label 1 like the fake teacher, sure on "sure" texts, unsure on the rest.
+    router = make_cascade(fake_student=FakeStudent(scale=-1.0), writer=writer,
+                          shadow={"share": shadow_share, "max_concurrency": 8}, teacher={"max_share": 1.0},
+                          queue={"keep": "disagreements"})
 
     async def go() -> None:
-        await router.classify_texts(texts, Route.AUTO)
+        await router.classify(texts, Route.AUTO)
         if feedback:
             await router.feedback(*feedback)
         await asyncio.sleep(0.05)
@@ -57,7 +52,7 @@ def test_without_shadow_sampling_agreeing_fallbacks_are_dropped(tmp_path: Path) 
 
 
 def test_feedback_is_queued_with_its_label_and_counts_in_the_live_accuracy(tmp_path: Path) -> None:
-    records, router = recorded(tmp_path, 0.0, ["sure a"], feedback=(["sure x", "hmm y"], [0, 1]))
+    records, router = recorded(tmp_path, 0.0, ["sure a"], feedback=(["sure x", "hmm y"], ["neg", "pos"]))
     labelled = sorted((r for r in records if r.reason == "feedback"), key=lambda r: r.text)
     assert [(r.text, r.label) for r in labelled] == [("hmm y", 1), ("sure x", 0)]
     assert all(r.teacher_probs is not None and r.threshold == 0.9 for r in labelled)

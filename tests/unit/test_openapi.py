@@ -12,14 +12,14 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Callable
-from types import SimpleNamespace
 from typing import Any
 
 import jsonschema
 import pytest
 
 from serving import oip
-from serving.gateway import ApiError, Gateway, api
+from serving.gateway import api
+from serving.http import ApiError, check_labelled, check_texts
 from serving.schemas import NOT_BLANK, ClassifyRequest, FeedbackRequest
 from serving.settings import GatewayConfig, LimitSettings
 
@@ -46,13 +46,6 @@ def documented(path: str) -> Callable[[Any], bool]:
     return valid
 
 
-def _gateway() -> SimpleNamespace:
-    """The state the gateway's checks read (its configured limits), without a replica."""
-    gateway = SimpleNamespace(config=GatewayConfig())
-    gateway._check_texts = lambda texts: Gateway._check_texts(gateway, texts)
-    return gateway
-
-
 def accepted(check: Callable[[Any], None]) -> Callable[[Any], bool]:
     def judge(body: Any) -> bool:
         try:
@@ -64,12 +57,16 @@ def accepted(check: Callable[[Any], None]) -> Callable[[Any], bool]:
     return judge
 
 
-GATEWAY = _gateway()
+LIMITS = GatewayConfig().limits  # the gateway's checks read its configured limits
 SERVER: dict[str, Callable[[Any], bool]] = {
-    "/v1/classify": accepted(lambda body: GATEWAY._check_texts(ClassifyRequest.model_validate(body).texts)),
-    "/v1/feedback": accepted(lambda body: Gateway._check_feedback(GATEWAY, FeedbackRequest.model_validate(body))),
-    "/v2/models/{name}/infer": accepted(lambda body: GATEWAY._check_texts(oip.parse_request(body, b"").texts)),
+    "/v1/classify": accepted(lambda body: check_texts(ClassifyRequest.model_validate(body).texts, LIMITS)),
+    "/v1/feedback": accepted(lambda body: check_labelled(*_labelled(FeedbackRequest.model_validate(body)), LIMITS)),
+    "/v2/models/{name}/infer": accepted(lambda body: check_texts(oip.parse_request(body, b"").texts, LIMITS)),
 }
+
+
+def _labelled(request: FeedbackRequest) -> tuple[list[str], list[str]]:
+    return request.texts, request.labels
 
 
 def test_every_route_that_reads_a_body_declares_it_required() -> None:
@@ -173,3 +170,30 @@ def test_infer_documents_its_binary_answer() -> None:
     ok = DOC["paths"]["/v2/models/{name}/infer"]["post"]["responses"]["200"]
     assert set(ok["content"]) == {"application/json", oip.BINARY_CONTENT_TYPE}
     assert oip.HEADER_LENGTH in ok["headers"]
+
+
+def test_the_openapi_document_states_the_answers_and_limits_of_classify() -> None:
+    from serving.gateway import api
+
+    doc = api.openapi()
+    classify = doc["paths"]["/v1/classify"]["post"]
+    assert {"400", "401", "405", "413", "422", "503"} <= set(classify["responses"])
+    assert "Allow" in classify["responses"]["405"]["headers"]
+    assert "Retry-After" in classify["responses"]["503"]["headers"]
+    assert "404" in doc["paths"]["/v2/models/{name}/infer"]["post"]["responses"]
+    texts = classify["requestBody"]["content"]["application/json"]["schema"]["properties"]["texts"]
+    limits = LimitSettings()
+    assert texts["minItems"] == 1 and texts["maxItems"] == limits.max_texts
+    assert texts["items"]["maxLength"] == limits.max_chars
+
+
+def test_a_wrong_method_is_a_json_405_with_allow() -> None:
+    from starlette.testclient import TestClient
+
+    from serving.gateway import api
+
+    answer = TestClient(api).get("/v1/classify")
+    assert answer.status_code == 405 and answer.headers["allow"] == "POST"
+    assert answer.json()["error"] == "Method Not Allowed"
+
+

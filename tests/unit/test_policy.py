@@ -83,3 +83,15 @@ def test_shadow_uses_only_budget_that_real_deferrals_left() -> None:
         real_granted += 1
     assert real_granted == 12  # shadow spending took nothing from the real budget
     assert gate.try_acquire_shadow(1) is DegradedReason.BUDGET  # real deferrals used it up
+
+
+def test_shadow_calls_get_no_budget_that_real_deferrals_spent() -> None:
+    gate = TeacherGate(max_concurrency=100, max_share=0.1, window_s=10, burst=2, shadow_max_concurrency=100)
+    gate.observe(100)
+    granted = 0
+    while gate.try_acquire(1) is None:
+        granted += 1
+    assert granted == 12  # the share and the burst, all spent by real deferrals
+    assert gate.try_acquire_shadow(1) is DegradedReason.BUDGET
+
+

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from bundle.model import open_model
 from bundle.registry import Bundle, Registry
 from bundle.teachers import (
     LocalTeacher,
@@ -43,7 +44,7 @@ def bundle(tiny_home: Path) -> Bundle:
 
 @pytest.fixture(scope="module")
 def local(bundle: Bundle) -> LocalTeacher:
-    return LocalTeacher(bundle.path, bundle.manifest.labels, bundle.manifest.max_length)
+    return open_model("local", bundle.path, bundle.manifest.labels, bundle.manifest.max_length)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def served_requests(server: MLServer, model: str) -> float:
 
 
 def test_local_teacher_answers_in_label_order_and_reads_the_manifest(bundle: Bundle, local: LocalTeacher) -> None:
-    logits = asyncio.run(local.logits(TEXTS))
+    logits = asyncio.run(local.predict(TEXTS))
     assert logits.shape == (len(TEXTS), len(bundle.manifest.labels))
     direct = local.runtime.logits(TEXTS)
     np.testing.assert_allclose(logits, direct, atol=1e-4)  # length-sorted batching changes nothing
@@ -91,11 +92,12 @@ def test_local_teacher_answers_in_label_order_and_reads_the_manifest(bundle: Bun
 
 def test_the_onnx_teacher_answers_the_same_labels_as_pytorch(bundle: Bundle, local: LocalTeacher) -> None:
     """The gateway's local teacher on either runtime: the build's fp32 export matches PyTorch within 1e-4."""
-    onnx = LocalTeacher(bundle.path, bundle.manifest.labels, bundle.manifest.max_length, runtime="onnx")
-    torch_teacher = LocalTeacher(bundle.path, bundle.manifest.labels, bundle.manifest.max_length, runtime="torch")
+    onnx = open_model("local", bundle.path, bundle.manifest.labels, bundle.manifest.max_length, runtime="onnx")
+    torch_teacher = open_model("local", bundle.path, bundle.manifest.labels, bundle.manifest.max_length,
+                               runtime="torch")
     assert (local.runtime_kind, onnx.runtime_kind, torch_teacher.runtime_kind) == ("onnx", "onnx", "torch")
     texts = TEXTS * 3 + ["", "!!!", "a " * 80]  # padded batches of uneven length, an empty text, a truncated one
-    on_onnx, on_torch = asyncio.run(onnx.logits(texts)), asyncio.run(torch_teacher.logits(texts))
+    on_onnx, on_torch = asyncio.run(onnx.predict(texts)), asyncio.run(torch_teacher.predict(texts))
     np.testing.assert_allclose(on_onnx, on_torch, atol=1e-4)
     assert (on_onnx.argmax(-1) == on_torch.argmax(-1)).all()
     assert onnx.identity == torch_teacher.identity  # one teacher: answers cached under either are shared
@@ -110,9 +112,9 @@ def test_a_bundle_without_the_onnx_export_runs_its_teacher_on_pytorch(bundle: Bu
     copy = tmp_path / "bundle"
     shutil.copytree(bundle.path, copy, ignore=shutil.ignore_patterns(TEACHER_ONNX_FILE))
     labels, length = bundle.manifest.labels, bundle.manifest.max_length
-    assert LocalTeacher(copy, labels, length).runtime_kind == "torch"
+    assert open_model("local", copy, labels, length).runtime_kind == "torch"
     with pytest.raises(FileNotFoundError, match=f"no {TEACHER_ONNX_FILE} in this bundle"):
-        LocalTeacher(copy, labels, length, runtime="onnx")
+        open_model("local", copy, labels, length, runtime="onnx")
 
 
 def test_cuda_without_a_gpu_is_a_clear_error(bundle: Bundle) -> None:
@@ -121,19 +123,20 @@ def test_cuda_without_a_gpu_is_a_clear_error(bundle: Bundle) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     with pytest.raises(RuntimeError, match="no GPU"):
-        LocalTeacher(bundle.path, bundle.manifest.labels, bundle.manifest.max_length, device="cuda")
-    assert LocalTeacher(bundle.path, bundle.manifest.labels, bundle.manifest.max_length, device="auto").device == "cpu"
+        open_model("local", bundle.path, bundle.manifest.labels, bundle.manifest.max_length, device="cuda")
+    auto = open_model("local", bundle.path, bundle.manifest.labels, bundle.manifest.max_length, device="auto")
+    assert auto.device == "cpu"
 
 
 def test_a_bundle_without_teacher_weights_says_so(bundle: Bundle, tmp_path: Path) -> None:
     (tmp_path / "tokenizer").mkdir()
     with pytest.raises(FileNotFoundError, match="no teacher weights"):
-        LocalTeacher(tmp_path, bundle.manifest.labels, 32)
+        open_model("local", tmp_path, bundle.manifest.labels, 32)
 
 
 def test_teacher_labels_that_do_not_match_are_refused(bundle: Bundle) -> None:
     with pytest.raises(ValueError, match="do not match"):
-        LocalTeacher(bundle.path, ["spam", "ham"], bundle.manifest.max_length)
+        open_model("local", bundle.path, ["spam", "ham"], bundle.manifest.max_length)
 
 
 def test_remote_spec_needs_its_server() -> None:
@@ -150,7 +153,7 @@ def test_mlserver_huggingface_label_lists_give_the_teachers_log_probabilities(bu
     remote = RemoteTeacher(hf_settings(server, labels, batch_size=4), labels)
     answered = teacher_logits_sync(remote, TEXTS)  # two HTTP calls of at most 4 texts, concurrently
     # The server answers probabilities by label name; as log-probabilities they equal the local teacher's.
-    np.testing.assert_allclose(answered, log_softmax(asyncio.run(local.logits(TEXTS))), atol=1e-4)
+    np.testing.assert_allclose(answered, log_softmax(asyncio.run(local.predict(TEXTS))), atol=1e-4)
     assert asyncio.run(remote.ready())
 
 
@@ -159,14 +162,14 @@ def test_only_the_top_label_spreads_the_rest_evenly(bundle: Bundle, local: Local
     labels = bundle.manifest.labels
     remote = RemoteTeacher(RemoteTeacherSettings(url=server.url, model="teacher-hf", output="labels",
                                                  input_name="array_inputs"), labels)
-    np.testing.assert_allclose(teacher_logits_sync(remote, TEXTS), log_softmax(asyncio.run(local.logits(TEXTS))),
+    np.testing.assert_allclose(teacher_logits_sync(remote, TEXTS), log_softmax(asyncio.run(local.predict(TEXTS))),
                                atol=1e-4)
 
 
 def test_a_tensor_output_is_read_in_the_servers_label_order(bundle: Bundle, local: LocalTeacher,
                                                             server: MLServer) -> None:
     labels = bundle.manifest.labels
-    expected = asyncio.run(local.logits(TEXTS))
+    expected = asyncio.run(local.predict(TEXTS))
     remote = RemoteTeacher(RemoteTeacherSettings(url=server.url, model="teacher-logits"), labels)
     np.testing.assert_allclose(teacher_logits_sync(remote, TEXTS), expected, atol=1e-4)
     # A server whose columns are in another order says so with label_names; the answer comes back in ours.
@@ -221,9 +224,9 @@ def test_an_unreachable_server_fails_then_the_breaker_fails_fast(bundle: Bundle)
         errors = []
         for _ in range(3):
             with pytest.raises(TeacherUnavailable) as caught:
-                await remote.logits(TEXTS[:1])
+                await remote.predict(TEXTS[:1])
             errors.append(str(caught.value))
-        await remote.aclose()
+        await remote.close()
         return errors
 
     first, second, third = asyncio.run(calls())
@@ -242,15 +245,15 @@ def test_the_breaker_closes_when_the_server_answers_again(bundle: Bundle, server
     async def scenario() -> tuple[str, str, np.ndarray]:
         for _ in range(2):
             with pytest.raises(TeacherUnavailable):
-                await remote.logits(TEXTS[:1])
+                await remote.predict(TEXTS[:1])
         opened = remote.state()["breaker"]
         # The server comes back (here: the client is pointed at a live one, as a restart on the port would be).
         remote.infer_url = f"{server.url}/v2/models/teacher-logits/infer"
         with pytest.raises(TeacherUnavailable, match="circuit breaker open"):
-            await remote.logits(TEXTS[:1])  # still open: not even tried
+            await remote.predict(TEXTS[:1])  # still open: not even tried
         await asyncio.sleep(0.35)
-        answer = await remote.logits(TEXTS[:2])  # the half-open probe succeeds
-        await remote.aclose()
+        answer = await remote.predict(TEXTS[:2])  # the half-open probe succeeds
+        await remote.close()
         return opened, remote.state()["breaker"], answer
 
     opened, closed, answer = asyncio.run(scenario())
