@@ -5,7 +5,6 @@ Each route parses its body, calls the cascade, and maps the answer and the casca
 deferred texts cross to the Teacher deployment, through the Serve handle's ``ServeTeacher`` adapter.
 """
 
-from __future__ import annotations
 
 import asyncio
 import logging
