@@ -26,7 +26,7 @@ from bundle.teachers import open_teacher, teacher_logits_sync
 from distill.data import load_amazon_snippets
 from distill.evaluate import teacher_cache_dir
 from distill.redistill import RedistillConfig, redistill
-from records.queue import DisagreementRecord, SqliteQueue, feedback_records, teacher_answer_records
+from records.queue import AnswerRecord, SqliteQueue, feedback_records, teacher_answer_records
 from routing.calibration import choose_threshold, sweep
 from routing.confidence import ConfidenceMeasure, confidence, softmax
 
@@ -36,7 +36,7 @@ HOLDOUT_SHARE = 0.3  # the drift demo's split: the same seed holds out the same 
 def simulated_records(texts: list[str], labels: np.ndarray, student_probs: np.ndarray, teacher_probs: np.ndarray,
                       stream: np.ndarray, threshold: float, shadow: float, feedback: int, seed: int,
                       student_version: str, teacher_version: str,
-                      measure: ConfidenceMeasure = ConfidenceMeasure.MAX_PROB) -> list[DisagreementRecord]:
+                      measure: ConfidenceMeasure = ConfidenceMeasure.MAX_PROB) -> list[AnswerRecord]:
     """The records a gateway would have written for ``stream`` (indices into ``texts``), made by the gateway's
     own record rules (records.queue), so the bench learns from what the loop would really queue.
 
@@ -53,7 +53,7 @@ def simulated_records(texts: list[str], labels: np.ndarray, student_probs: np.nd
     shadowed = ~deferred & (draws < shadow)
 
     def answered(mask: np.ndarray, reason: Literal["fallback", "shadow"],
-                 probability: float) -> dict[int, DisagreementRecord]:
+                 probability: float) -> dict[int, AnswerRecord]:
         """The teacher's answers for the streamed texts in ``mask``, by stream position."""
         index = stream[mask]
         records = teacher_answer_records([texts[i] for i in index], student_probs[index], teacher_probs[index],

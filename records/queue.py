@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field
 Reason = Literal["fallback", "shadow", "feedback"]
 
 
-class DisagreementRecord(BaseModel):
+class AnswerRecord(BaseModel):
     """One text the teacher (or a person, for ``feedback``) answered, with what the models said.
 
     ``sampling_probability`` is the chance this text had of being recorded (shadow: the shadow share;
@@ -56,7 +56,7 @@ def teacher_answer_records(texts: list[str], student_probs: np.ndarray, teacher_
                            keep: Literal["disagreements", "all"], sampling_probability: float = 1.0,
                            threshold: float | None = None, confidences: np.ndarray | None = None,
                            agreement_share: float = 0.0,
-                           rng: np.random.Generator | None = None) -> list[DisagreementRecord]:
+                           rng: np.random.Generator | None = None) -> list[AnswerRecord]:
     """One record per text the teacher answered, each with the probability it had of being kept.
 
     Shadow answers are all kept (agreements too): they are the uniform sample every estimate rests on.
@@ -74,7 +74,7 @@ def teacher_answer_records(texts: list[str], student_probs: np.ndarray, teacher_
             if draw >= agreement_share:
                 continue
             probability = sampling_probability * agreement_share
-        records.append(DisagreementRecord(
+        records.append(AnswerRecord(
             text=text, student_probs=s.tolist(), teacher_probs=t.tolist(), student_version=student_version,
             teacher_version=teacher_version, reason=reason, disagree=bool(d), sampling_probability=probability,
             threshold=threshold, confidence=float(c)))
@@ -83,11 +83,11 @@ def teacher_answer_records(texts: list[str], student_probs: np.ndarray, teacher_
 
 def feedback_records(texts: list[str], labels: list[int], student_probs: np.ndarray, teacher_probs: np.ndarray | None,
                      student_version: str, teacher_version: str, threshold: float,
-                     confidences: np.ndarray) -> list[DisagreementRecord]:
+                     confidences: np.ndarray) -> list[AnswerRecord]:
     """Texts with true labels (``/v1/feedback``), with what both models said (teacher: None if it could not)."""
     rows = [None] * len(texts) if teacher_probs is None else [t.tolist() for t in teacher_probs]
     return [
-        DisagreementRecord(text=text, student_probs=s.tolist(), teacher_probs=t, student_version=student_version,
+        AnswerRecord(text=text, student_probs=s.tolist(), teacher_probs=t, student_version=student_version,
                            teacher_version=teacher_version, reason="feedback", label=label,
                            disagree=t is not None and int(np.argmax(s)) != int(np.argmax(t)),
                            threshold=threshold, confidence=float(c))
@@ -99,7 +99,7 @@ class Leased(BaseModel):
     """A record handed to a consumer; ``token`` acknowledges it."""
 
     token: str
-    record: DisagreementRecord
+    record: AnswerRecord
 
 
 class QueueStats(BaseModel):
@@ -117,12 +117,12 @@ class RetentionSettings(BaseModel):
 
 
 class QueueBackend(Protocol):
-    def append(self, records: list[DisagreementRecord]) -> None: ...
+    def append(self, records: list[AnswerRecord]) -> None: ...
     def lease(self, limit: int, lease_s: float, consumer: str = "distill") -> list[Leased]: ...
     def ack(self, tokens: list[str]) -> int: ...
     def release(self, tokens: list[str]) -> None: ...
     def stats(self) -> QueueStats: ...
-    def export(self) -> Iterator[DisagreementRecord]: ...
+    def export(self) -> Iterator[AnswerRecord]: ...
     def purge(self) -> int: ...
     def apply_retention(self, retention: RetentionSettings) -> int: ...
     def close(self) -> None: ...
@@ -144,7 +144,7 @@ class SqliteQueue:
         )
         self._db.execute("CREATE INDEX IF NOT EXISTS records_created ON records (created)")
 
-    def append(self, records: list[DisagreementRecord]) -> None:
+    def append(self, records: list[AnswerRecord]) -> None:
         rows = [(r.id, r.time, r.model_dump_json()) for r in records]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -172,7 +172,7 @@ class SqliteQueue:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        return [Leased(token=row[0], record=DisagreementRecord.model_validate_json(row[1])) for row in rows]
+        return [Leased(token=row[0], record=AnswerRecord.model_validate_json(row[1])) for row in rows]
 
     def ack(self, tokens: list[str]) -> int:
         with self._lock:
@@ -195,11 +195,11 @@ class SqliteQueue:
                                       (time.time(),)).fetchone()[0]
         return QueueStats(backlog=count, leased=leased, oldest_age_s=None if oldest is None else time.time() - oldest)
 
-    def export(self) -> Iterator[DisagreementRecord]:
+    def export(self) -> Iterator[AnswerRecord]:
         with self._lock:
             rows = self._db.execute("SELECT payload FROM records ORDER BY created").fetchall()
         for (payload,) in rows:
-            yield DisagreementRecord.model_validate_json(payload)
+            yield AnswerRecord.model_validate_json(payload)
 
     def purge(self) -> int:
         with self._lock:
@@ -246,7 +246,7 @@ class RedisQueue:
                 raise
         self._group_ready = True
 
-    def append(self, records: list[DisagreementRecord]) -> None:
+    def append(self, records: list[AnswerRecord]) -> None:
         pipe = self._redis.pipeline(transaction=True)
         for record in records:
             pipe.xadd(self.stream, {"record": record.model_dump_json()})
@@ -262,7 +262,7 @@ class RedisQueue:
             fresh = self._redis.xreadgroup(self.group, consumer, {self.stream: ">"}, count=limit - len(entries))
             for _, items in fresh or []:
                 entries.extend(items)
-        return [Leased(token=entry_id.decode(), record=DisagreementRecord.model_validate_json(fields[b"record"]))
+        return [Leased(token=entry_id.decode(), record=AnswerRecord.model_validate_json(fields[b"record"]))
                 for entry_id, fields in entries if fields]
 
     def ack(self, tokens: list[str]) -> int:
@@ -290,9 +290,9 @@ class RedisQueue:
             oldest = time.time() - json.loads(first[0][1][b"record"])["time"]
         return QueueStats(backlog=backlog, leased=leased, oldest_age_s=oldest)
 
-    def export(self) -> Iterator[DisagreementRecord]:
+    def export(self) -> Iterator[AnswerRecord]:
         for _, fields in self._redis.xrange(self.stream):
-            yield DisagreementRecord.model_validate_json(fields[b"record"])
+            yield AnswerRecord.model_validate_json(fields[b"record"])
 
     def purge(self) -> int:
         count = int(self._redis.xlen(self.stream))

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
 
-from records.queue import DisagreementRecord, QueueBackend, RetentionSettings
+from records.queue import AnswerRecord, QueueBackend, RetentionSettings
 
 logger = logging.getLogger(__name__)
 
@@ -26,11 +26,11 @@ class RecordWriter:
 
     def __init__(self, open_backend: Callable[[], QueueBackend], buffer_size: int = 10_000,
                  flush_interval_s: float = 0.5, batch_size: int = 256,
-                 on_written: Callable[[list[DisagreementRecord]], None] | None = None,
+                 on_written: Callable[[list[AnswerRecord]], None] | None = None,
                  retention: RetentionSettings | None = None, retention_every_s: float = 60.0) -> None:
         self._open_backend = open_backend
         self._backend: QueueBackend | None = None
-        self._buffer: queue.Queue[DisagreementRecord] = queue.Queue(maxsize=buffer_size)
+        self._buffer: queue.Queue[AnswerRecord] = queue.Queue(maxsize=buffer_size)
         self._flush_interval_s = flush_interval_s
         self._batch_size = batch_size
         self._on_written = on_written
@@ -50,7 +50,7 @@ class RecordWriter:
         """Records accepted but not yet durable in the backend."""
         return self._buffer.qsize() + self._pending
 
-    def submit(self, record: DisagreementRecord) -> bool:
+    def submit(self, record: AnswerRecord) -> bool:
         """Never blocks: a full buffer drops the record, counted and logged."""
         try:
             self._buffer.put_nowait(record)
@@ -69,7 +69,7 @@ class RecordWriter:
             self._backend.close()
 
     # -- background thread ----------------------------------------------------------------------
-    def _next_batch(self) -> list[DisagreementRecord]:
+    def _next_batch(self) -> list[AnswerRecord]:
         try:
             batch = [self._buffer.get(timeout=self._flush_interval_s)]
         except queue.Empty:
@@ -91,7 +91,7 @@ class RecordWriter:
         # Retry for as long as the process lives; on close, a few more tries and then stop.
         return self._closing.is_set() and state.attempt_number >= 3
 
-    def _write(self, batch: list[DisagreementRecord]) -> None:
+    def _write(self, batch: list[AnswerRecord]) -> None:
         if self._backend is None:
             self._backend = self._open_backend()
         self._backend.append(batch)

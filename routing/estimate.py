@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy.stats import norm
 
-from records.queue import DisagreementRecord
+from records.queue import AnswerRecord
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def weighted_proportion(y: np.ndarray, weights: np.ndarray, level: float = 0.95)
     return Interval(p, low, high, len(y), effective_n, level)
 
 
-def evidence_from_records(records: Iterable[DisagreementRecord], teacher_version: str | None = None,
+def evidence_from_records(records: Iterable[AnswerRecord], teacher_version: str | None = None,
                           student_version: str | None = None) -> Evidence:
     """Shadow and fallback records of one teacher and one student version (default: the newest record's)."""
     usable = [r for r in records if r.reason in ("shadow", "fallback") and r.teacher_probs is not None
@@ -152,7 +152,7 @@ def threshold_for_target(points: list[CurvePoint], target: float) -> CurvePoint 
     return None
 
 
-def live_accuracy(records: Iterable[DisagreementRecord], level: float = 0.95) -> dict[str, Interval] | None:
+def live_accuracy(records: Iterable[AnswerRecord], level: float = 0.95) -> dict[str, Interval] | None:
     """Accuracy on texts with true labels (/v1/feedback) of the cascade, the student and the teacher.
 
     Unweighted: it stands for traffic only as far as the labelled texts are a random sample of it.
@@ -175,7 +175,7 @@ def live_accuracy(records: Iterable[DisagreementRecord], level: float = 0.95) ->
     return result
 
 
-def summary(records: list[DisagreementRecord], level: float = 0.95) -> dict[str, object]:
+def summary(records: list[AnswerRecord], level: float = 0.95) -> dict[str, object]:
     """What `cascade queue stats` prints: the live agreement and accuracy estimates, with what they rest on."""
     evidence = evidence_from_records(records)
     reasons = Counter(r.reason for r in records)

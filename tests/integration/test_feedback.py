@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from distill.data import load_movie_snippets
-from records.queue import DisagreementRecord, SqliteQueue
+from records.queue import AnswerRecord, SqliteQueue
 from tests.integration.conftest import Gateway, apply_config
 
 pytestmark = pytest.mark.integration
@@ -19,7 +19,7 @@ TEXTS = SNIPPETS.texts[100:106]
 
 
 def queued(gateway: Gateway, reason: str, texts: list[str], timeout_s: float = 30.0,
-           since: float = 0.0) -> list[DisagreementRecord]:
+           since: float = 0.0) -> list[AnswerRecord]:
     """Records of ``reason`` for ``texts`` written after ``since`` (earlier tests may have sent the same texts),
     once the gateway's writer has flushed them."""
     deadline = time.monotonic() + timeout_s

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from records.queue import DisagreementRecord, QueueBackend, RetentionSettings, SqliteQueue, open_queue
+from records.queue import AnswerRecord, QueueBackend, RetentionSettings, SqliteQueue, open_queue
 from records.writer import RecordWriter
 from tests.servers import redis_server
 
 pytestmark = pytest.mark.integration  # a real redis-server
 
 
-def record(i: int, age_s: float = 0.0) -> DisagreementRecord:
-    return DisagreementRecord(text=f"text {i}", student_probs=[0.4, 0.6], teacher_probs=[0.9, 0.1],
+def record(i: int, age_s: float = 0.0) -> AnswerRecord:
+    return AnswerRecord(text=f"text {i}", student_probs=[0.4, 0.6], teacher_probs=[0.9, 0.1],
                               student_version="s1", teacher_version="t1", reason="fallback", disagree=True,
                               time=time.time() - age_s)
 
@@ -128,7 +128,7 @@ def test_full_buffer_counts_drops(tmp_path: Path) -> None:
 
 WRITER = textwrap.dedent("""
     import sys, time
-    from records.queue import DisagreementRecord, SqliteQueue
+    from records.queue import AnswerRecord, SqliteQueue
     from records.writer import RecordWriter
 
     def written(batch):
@@ -137,7 +137,7 @@ WRITER = textwrap.dedent("""
     writer = RecordWriter(lambda: SqliteQueue(sys.argv[1]), flush_interval_s=0.01, batch_size=7, on_written=written)
     i = 0
     while True:
-        writer.submit(DisagreementRecord(text=f"t{i}" * 50, student_probs=[0.5, 0.5], teacher_probs=[0.1, 0.9],
+        writer.submit(AnswerRecord(text=f"t{i}" * 50, student_probs=[0.5, 0.5], teacher_probs=[0.1, 0.9],
                                          student_version="s", teacher_version="t", reason="shadow", disagree=True))
         i += 1
         if i % 50 == 0:

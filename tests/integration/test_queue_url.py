@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from distill.data import load_movie_snippets
-from records.queue import DisagreementRecord, SqliteQueue, default_queue_url, open_queue
+from records.queue import AnswerRecord, SqliteQueue, default_queue_url, open_queue
 from tests.conftest import run_cli
 from tests.servers import cascade_serve, free_port
 
@@ -27,7 +27,7 @@ TEXTS = SNIPPETS.texts[200:205]
 LABELS = [SNIPPETS.label_names[int(label)] for label in SNIPPETS.labels[200:205]]
 
 
-def feedback_records(url: str, since: float, timeout_s: float = 60.0) -> list[DisagreementRecord]:
+def feedback_records(url: str, since: float, timeout_s: float = 60.0) -> list[AnswerRecord]:
     """This test's feedback records in the queue at ``url`` once the gateway's writer has flushed them all."""
     deadline = time.monotonic() + timeout_s
     while True:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from records.queue import DisagreementRecord, teacher_answer_records
+from records.queue import AnswerRecord, teacher_answer_records
 from routing.estimate import (
     agreement_curve,
     evidence_from_records,
@@ -31,7 +31,7 @@ def simulated_stream(rng: np.random.Generator, n: int = 4000) -> tuple[np.ndarra
 
 def record_stream(rng: np.random.Generator, student_probs: np.ndarray, teacher_label: np.ndarray,
                   confidence: np.ndarray, shadow_share: float, keep: str = "disagreements",
-                  threshold: float = THRESHOLD) -> list[DisagreementRecord]:
+                  threshold: float = THRESHOLD) -> list[AnswerRecord]:
     """What the gateway keeps: every deferred text (agreements thinned), a shadow share of the rest."""
     teacher_probs = np.eye(2)[teacher_label] * 0.9 + 0.05
     deferred = confidence < threshold
@@ -107,8 +107,8 @@ def test_the_curve_estimates_other_thresholds_and_calibration_uses_the_lower_bou
 def test_records_of_another_teacher_version_are_not_mixed_in() -> None:
     base = dict(text="x", student_probs=[0.9, 0.1], student_version="s1", reason="shadow",
                 sampling_probability=0.5, threshold=0.8, confidence=0.9)
-    records = [DisagreementRecord(**base, teacher_probs=[0.9, 0.1], teacher_version="t1", time=1.0),
-               DisagreementRecord(**base, teacher_probs=[0.1, 0.9], teacher_version="t0", time=0.5)]
+    records = [AnswerRecord(**base, teacher_probs=[0.9, 0.1], teacher_version="t1", time=1.0),
+               AnswerRecord(**base, teacher_probs=[0.1, 0.9], teacher_version="t0", time=0.5)]
     evidence = evidence_from_records(records)
     assert evidence.teacher_version == "t1" and len(evidence) == 1
     assert live_agreement(evidence).value == 1.0
@@ -118,14 +118,14 @@ def test_records_of_another_teacher_version_are_not_mixed_in() -> None:
 def test_old_records_without_the_new_fields_still_load() -> None:
     old = ('{"id": "a", "time": 1.0, "text": "x", "student_probs": [0.4, 0.6], "teacher_probs": [0.9, 0.1], '
            '"student_version": "s", "teacher_version": "t", "reason": "fallback", "disagree": true}')
-    record = DisagreementRecord.model_validate_json(old)
+    record = AnswerRecord.model_validate_json(old)
     assert record.sampling_probability == 1.0 and record.label is None and record.confidence is None
     assert len(evidence_from_records([record])) == 0  # no confidence or threshold: not usable as evidence
 
 
 def test_live_accuracy_from_labelled_records() -> None:
-    def labelled(student: list[float], teacher: list[float] | None, label: int) -> DisagreementRecord:
-        return DisagreementRecord(text="x", student_probs=student, teacher_probs=teacher, student_version="s",
+    def labelled(student: list[float], teacher: list[float] | None, label: int) -> AnswerRecord:
+        return AnswerRecord(text="x", student_probs=student, teacher_probs=teacher, student_version="s",
                                   teacher_version="t", reason="feedback", label=label, threshold=0.8,
                                   confidence=max(student))
     records = [labelled([0.9, 0.1], [0.9, 0.1], 0), labelled([0.6, 0.4], [0.2, 0.8], 1),

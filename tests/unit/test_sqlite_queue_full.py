@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from records.queue import DisagreementRecord, SqliteQueue
+from records.queue import AnswerRecord, SqliteQueue
 
 
-def _record(text: str) -> DisagreementRecord:
-    return DisagreementRecord(text=text, student_probs=[0.4, 0.6], teacher_probs=[0.1, 0.9], student_version="s",
+def _record(text: str) -> AnswerRecord:
+    return AnswerRecord(text=text, student_probs=[0.4, 0.6], teacher_probs=[0.1, 0.9], student_version="s",
                               teacher_version="t", reason="fallback")
 
 
