@@ -280,6 +280,10 @@ FAST_PATH_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     # gRPC data plane between deployments, request-path logs buffered, GC frozen after start-up.
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    # A request already sent to a replica that dies (its connection closed with no answer) is sent again to
+    # another replica, as a failed connection is by Ray's default; 5xx answers and timeouts are not retried.
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response",
+    "RAY_SERVE_HAPROXY_RETRIES": "2",
 }
 # On a 2-core machine model loading starves the proxy's first health checks; give it time.
 SLOW_START_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}

@@ -319,6 +319,10 @@ ENVIRONMENT: dict[str, str] = {
     "RAY_SERVE_ENABLE_HA_PROXY / RAY_SERVE_THROUGHPUT_OPTIMIZED": "Set by `cascade serve` (its default fast mode): "
                                                                   "HAProxy ingress and Serve's throughput mode; "
                                                                   "`--no-fast` leaves them unset.",
+    "RAY_SERVE_HAPROXY_RETRY_ON / RAY_SERVE_HAPROXY_RETRIES": "Set by `cascade serve` and the chart with the fast "
+                                                              "path: a request whose replica died before answering "
+                                                              "(`empty-response`) goes to another replica, at most "
+                                                              "twice; 503s and timeouts are not retried.",
     "CASCADE_TEST_TINY_HOME": "Development only: the test suite copies this prebuilt tiny model home instead of "
                               "building one.",
 }

@@ -199,12 +199,12 @@ class _FakeMachine:
         self.now += 0.001 * (3.0 if round_index in self.noisy else 1.0)
         self.student_calls += 1
 
-    async def logits(self, batch: list[str]) -> np.ndarray:
+    async def predict(self, batch: list[str]) -> np.ndarray:
         self.now += 0.004
         self.teacher_calls += 1
         return np.zeros((len(batch), 2))
 
-    async def aclose(self) -> None:
+    async def close(self) -> None:
         return None
 
 

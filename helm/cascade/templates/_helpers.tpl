@@ -236,6 +236,10 @@ num_replicas when autoscaling.enabled (Serve refuses both). */}}
   value: "1"
 - name: RAY_SERVE_THROUGHPUT_OPTIMIZED
   value: "1"
+- name: RAY_SERVE_HAPROXY_RETRY_ON
+  value: "conn-failure empty-response junk-response"
+- name: RAY_SERVE_HAPROXY_RETRIES
+  value: "2"
 - name: RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S
   value: "30"
 - name: RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S
