@@ -719,6 +719,10 @@ def bench(
     report: Annotated[Path | None, typer.Option(help="Write the side-by-side report (Markdown, JSON, PNG plots) "
                                                 "here: cascade, teacher only, student only, plain server.")] = None,
     p99_ms: Annotated[float, typer.Option(help="p99 objective for the report's highest sustainable rate.")] = 100.0,
+    targets: Annotated[bool, typer.Option("--targets", help="Instead: every serving objective measured in one run "
+                                          "(model-only limit, closed loop 1-256, Locust 16 and 64 users, open-loop "
+                                          "overload at 2x capacity, auto against teacher-only) with a verdict "
+                                          "table; --output writes the raw numbers as JSON.")] = False,
     model_only: Annotated[bool, typer.Option("--model-only", help="Instead: the student alone, no HTTP and no "
                                              "server: texts/s and p50/p99 per threads x processes arrangement, "
                                              "the best, and the batch-1 p50 (--seconds per arrangement).")] = False,
@@ -733,6 +737,9 @@ def bench(
     from loadtests.bench import benchmark, format_results, to_json
 
     with _gateway_answering(url, home):
+        if targets:
+            _bench_targets(url, home, texts, seconds, output)
+            return
         if report is not None:
             _bench_report(url, home, split, report, seconds, concurrency or [1, 2, 4, 8, 16, 32, 64], p99_ms)
             return
@@ -740,6 +747,32 @@ def bench(
     typer.echo(format_results(results))
     if output:
         output.write_text(to_json(results))
+
+
+def _bench_targets(url: str, home: Path, texts: list[str], seconds: int, output: Path | None) -> None:
+    """``bench --targets``: the objectives table, each against numbers of the same run."""
+    import httpx
+
+    from bundle.registry import STUDENT_FILES, Registry
+    from loadtests.locust_runner import LoadTestSettings, run
+    from loadtests.model_only import StudentSpec
+    from loadtests.targets import check_targets, format_targets, targets_json
+
+    api_key = os.environ.get("CASCADE_API_KEY")
+    served = Registry(home).load(verify=STUDENT_FILES)
+    spec = StudentSpec(served.student_path, served.tokenizer_dir, served.manifest.max_length)
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    deadline_s = httpx.get(f"{url}/v1/status", headers=headers, timeout=10).json()["config"]["limits"][
+        "queue_deadline_s"]
+
+    def locust(users: int) -> object:
+        settings = LoadTestSettings(host=url, users=users, spawn_rate=users, run_time_s=seconds * 2, api_key=api_key)
+        return run(settings, texts, Path("loadtests/reports/targets") / f"locust-{users}")
+
+    result = check_targets(url, spec, texts, seconds, api_key, deadline_s, locust)
+    typer.echo(format_targets(result))
+    if output:
+        output.write_text(targets_json(result))
 
 
 def _bench_model_only(home: Path, texts: list[str], seconds: int, output: Path | None) -> None:

@@ -59,6 +59,8 @@ class OpenLoopResult:
     teacher_texts: int = 0
     degraded: int = 0
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds by component, wall_s, busy_cores
+    # answered (200), refused (503), failed (the rest): count and latency p50/p99/max in ms, kept apart
+    outcomes: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
     @property
     def degraded_share(self) -> float:
@@ -105,7 +107,8 @@ def run_open_loop(url: str, texts: list[str], route: str, rate: float, seconds: 
     pct, answers = result["percentiles"], result["answers"]
     return OpenLoopResult(system, rate, float(result["effectiveRps"]), float(pct["50"] or 0),
                           float(pct["99"] or result["maxLatencyMs"]), int(result["totalErrors"]),
-                          int(answers["texts"]), int(answers["teacher"]), int(answers["degraded"]), used)
+                          int(answers["texts"]), int(answers["teacher"]), int(answers["degraded"]), used,
+                          result.get("outcomes", {}))
 
 
 def confirm_edge(levels: Sequence[Level], best_level: Callable[[], Level | None], runs_at: Callable[[Level], int],
