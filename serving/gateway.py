@@ -101,6 +101,10 @@ class Gateway:
     def refused(self, status: int) -> None:
         self.metrics.refused(status)
 
+    def served_labels(self) -> list[str] | None:
+        bundle = self.cascade.bundle
+        return None if bundle is None else list(bundle.manifest.labels)
+
     # -- calling the cascade --------------------------------------------------------------------------
     def _overloaded(self, exc: Exception) -> ApiError:
         return ApiError(503, f"over capacity, retry later: {exc}",

@@ -6,6 +6,7 @@ Every error is answered as JSON ``{"error", "detail", "id"}`` with its status, a
 
 from __future__ import annotations
 
+import copy
 import hmac
 import json
 import re
@@ -45,6 +46,7 @@ class ReplicaFront(Protocol):
 
     def authorized(self, headers: Headers) -> bool: ...
     def refused(self, status: int) -> None: ...
+    def served_labels(self) -> list[str] | None: ...
 
 
 api = FastAPI(
@@ -146,6 +148,24 @@ class RequestContextMiddleware:
 
 
 api.add_middleware(RequestContextMiddleware)
+
+
+def openapi_document(labels: list[str] | None) -> dict[str, Any]:
+    """The app's OpenAPI document, with the served bundle's label names as the only values a feedback label may
+    take: a schema-driven client (or fuzzer) then sends only labels the server accepts."""
+    document = copy.deepcopy(FastAPI.openapi(api))  # FastAPI builds it once and caches it
+    if labels:
+        body = document["paths"]["/v1/feedback"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        body["properties"]["labels"]["items"]["enum"] = list(labels)
+    return document
+
+
+def _served_openapi() -> dict[str, Any]:
+    front: ReplicaFront | None = replica_state.gateway
+    return openapi_document(None if front is None else front.served_labels())
+
+
+api.openapi = _served_openapi  # type: ignore[method-assign]
 
 
 def authorized(auth: AuthSettings, headers: Headers) -> bool:

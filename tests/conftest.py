@@ -59,7 +59,15 @@ def gateway(tiny_home: Path, tmp_path_factory: pytest.TempPathFactory):
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that change the shared gateway for good (a promoted model, a killed replica) run after the others,
-    in the order their ``destructive(order=N)`` marker gives; tests with a Ray cluster of their own run last."""
+    in the order their ``destructive(order=N)`` marker gives; tests with a Ray cluster of their own run last.
+
+    A test under tests/integration says so with the ``integration`` marker too (`-m "not integration"` relies on
+    it): one without it stops the run here, naming its module."""
+    integration_dir = Path(__file__).resolve().parent / "integration"
+    unmarked = sorted({item.nodeid.split("::")[0] for item in items
+                       if item.path.is_relative_to(integration_dir) and item.get_closest_marker("integration") is None})
+    if unmarked:
+        raise pytest.UsageError(f"tests under tests/integration without the integration marker: {', '.join(unmarked)}")
 
     def rank(item: pytest.Item) -> int:
         if item.get_closest_marker("own_cluster") is not None:
@@ -80,7 +88,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     module-scoped fixtures start their own cluster."""
     global _shared_ray_stopped
     if not _shared_ray_stopped and item.get_closest_marker("own_cluster") is not None:
-        from tests.integration.conftest import _stop_ray
+        from tests.servers import stop_ray
 
-        _stop_ray()
+        stop_ray()
         _shared_ray_stopped = True

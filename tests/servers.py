@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -14,10 +15,12 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
 import pytest
+import yaml
 
 from loadtests.bench import wait_ready
 from tests.conftest import CASCADE
@@ -182,15 +185,52 @@ class Served:
     log: Path
 
 
+def merged(base: Mapping[str, Any], *overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` with each override merged in, in order: where a dict meets a dict they merge key by key,
+    all the way down; any other value (a number, None, a list) replaces what was there."""
+    result = copy.deepcopy(dict(base))
+    for override in overrides:
+        for key, value in override.items():
+            if isinstance(value, Mapping) and isinstance(result.get(key), Mapping):
+                result[key] = merged(result[key], value)
+            else:
+                result[key] = copy.deepcopy(value)
+    return result
+
+
+def serve_config_with(port: int = 8000, *, autoscale: bool = False, **deployments: Mapping[str, Any]) -> dict:
+    """The Serve config `cascade serve` deploys (``default_serve_config(port, autoscale)``) with each named
+    deployment's settings merged in (`merged`), e.g.
+    ``serve_config_with(port, Gateway={"num_replicas": 1, "user_config": {"routing": {"threshold": 1.0}}})``:
+    user_config's sections and ray_actor_options keep the keys an override does not name. A name that is not a
+    deployment of the config is an error, not a silent no-op."""
+    from serving.app import default_serve_config  # imported here: unit tests import this module without Ray
+
+    config = default_serve_config(port, autoscale)
+    existing = {d["name"]: d for d in config["applications"][0]["deployments"]}
+    unknown = set(deployments) - set(existing)
+    if unknown:
+        raise KeyError(f"no deployment named {sorted(unknown)} in the Serve config (there are {sorted(existing)})")
+    config["applications"][0]["deployments"] = [merged(d, deployments.get(d["name"], {})) for d in existing.values()]
+    return config
+
+
 @contextmanager
 def cascade_serve(*args: str, port: int, home: Path, log: Path, env: Mapping[str, str] | None = None,
-                  timeout_s: float = 300, own_ray: bool = True) -> Iterator[Served]:
+                  config: dict | None = None, timeout_s: float = 300, own_ray: bool = True) -> Iterator[Served]:
     """`cascade serve --port PORT *args` on the model home ``home``, ready on /v2/health/ready; stopped afterwards.
 
-    ``env`` is set over this process's environment. ``own_ray``: serve starts a local Ray of its own, so any Ray
-    on this machine is stopped before and after (`stop_ray`); False when it joins a cluster (``--address``) that
-    its fixture owns and stops. Not ready in ``timeout_s`` or exited: RuntimeError with the tail of the log.
+    ``config``: a Serve config (`serve_config_with`), written beside the log as serve.yaml and passed as
+    ``--config``. ``env`` is set over this process's environment. ``own_ray``: serve starts a local Ray of its own,
+    so any Ray on this machine is stopped before and after (`stop_ray`); False when it joins a cluster
+    (``--address``) that its fixture owns and stops. Not ready in ``timeout_s`` or exited: RuntimeError with the
+    tail of the log. The test may stop the process itself (a signal to its group, ``process.pid``): then the
+    stop here only waits for it.
     """
+    if config is not None:
+        path = log.with_name("serve.yaml")
+        path.write_text(yaml.safe_dump(config))
+        args = (*args, "--config", str(path))
     if own_ray:
         stop_ray()
     environment = os.environ | dict(env or {}) | {"CASCADE_HOME": str(home)}

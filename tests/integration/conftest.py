@@ -11,9 +11,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from tests.conftest import CASCADE
-from tests.servers import cascade_serve, free_port, stop_ray
+from tests.servers import cascade_serve, free_port, merged, serve_config_with
 
 API_KEY = "test-key-0123456789"
 PORT = 8123
@@ -34,10 +35,6 @@ class Gateway:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30, **kwargs)
 
 
-# The name tests/conftest.py and tests/integration/test_shutdown.py import; the one definition is in tests/servers.py.
-_stop_ray = stop_ray
-
-
 def run_gateway(tiny_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """`cascade serve` on the tiny bundle until the session ends (the ``gateway`` fixture in tests/conftest.py,
     shared by the integration and fault suites: two gateways in one run would stop each other's Ray)."""
@@ -49,28 +46,16 @@ def run_gateway(tiny_home: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 
 
 def apply_config(gateway: Gateway, **user_config: dict) -> None:
-    """`serve deploy` the default Serve config with Gateway user_config overrides; wait until applied.
+    """`serve deploy` the default Serve config with Gateway user_config overrides (over ``TEST_BASE``, section by
+    section); wait until every replica runs it.
 
     This is how an operator changes a running gateway: no restart, the replica's ``reconfigure`` runs.
     """
-    import yaml
-
-    from serving.app import default_serve_config
-
-    config = default_serve_config(PORT)
-    deployments = {d["name"]: d for d in config["applications"][0]["deployments"]}
-    for section, values in list(TEST_BASE.items()) + list(user_config.items()):
-        deployments["Gateway"]["user_config"][section].update(values)
-    path = gateway.log.with_name("serve-config.yaml")
-    path.write_text(yaml.safe_dump(config))
-    # The local cluster has Ray's token authentication on; the CLI reads the token from ~/.ray.
-    env = os.environ | {"CASCADE_HOME": str(gateway.home), "RAY_AUTH_MODE": "token"}
-    deployed = subprocess.run(
-        [str(Path(CASCADE).with_name("serve")), "deploy", "-a", "http://127.0.0.1:8265", str(path)],
-        capture_output=True, text=True, env=env, timeout=120)
-    assert deployed.returncode == 0, f"serve deploy failed:\n{deployed.stdout}\n{deployed.stderr}"
-    wanted = deployments["Gateway"]["user_config"]
-    replicas = deployments["Gateway"]["num_replicas"]
+    config = serve_config_with(PORT, Gateway={"user_config": merged(TEST_BASE, user_config)})
+    serve_deploy(gateway, config, "serve-config.yaml")
+    gateway_deployment = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Gateway")
+    wanted = gateway_deployment["user_config"]
+    replicas = gateway_deployment["num_replicas"]
     applied: dict[str, bool] = {}  # per replica: does it run the new config?
     deadline = time.monotonic() + 120
     with gateway.client() as client:
@@ -82,6 +67,19 @@ def apply_config(gateway: Gateway, **user_config: dict) -> None:
                 return
             time.sleep(0.2)
     raise AssertionError(f"configuration was not applied on {replicas} replicas within 120 s: {applied}")
+
+
+def serve_deploy(gateway: Gateway, config: dict, name: str) -> None:
+    """`serve deploy` ``config`` (written beside the gateway's log as ``name``) to the shared gateway's cluster;
+    returns once Serve took it, not once the replicas run it (`apply_config` waits for that)."""
+    path = gateway.log.with_name(name)
+    path.write_text(yaml.safe_dump(config))
+    # The local cluster has Ray's token authentication on; the CLI reads the token from ~/.ray.
+    env = os.environ | {"CASCADE_HOME": str(gateway.home), "RAY_AUTH_MODE": "token"}
+    deployed = subprocess.run(
+        [str(Path(CASCADE).with_name("serve")), "deploy", "-a", "http://127.0.0.1:8265", str(path)],
+        capture_output=True, text=True, env=env, timeout=120)
+    assert deployed.returncode == 0, f"serve deploy failed:\n{deployed.stdout}\n{deployed.stderr}"
 
 
 def replica_statuses(client: httpx.Client, replicas: int | None = None) -> dict[str, dict]:

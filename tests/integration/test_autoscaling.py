@@ -17,9 +17,8 @@ import httpx
 import pytest
 import yaml
 
-from serving.app import default_serve_config
 from tests.conftest import CASCADE
-from tests.servers import cascade_serve, free_port
+from tests.servers import cascade_serve, free_port, serve_config_with
 
 pytestmark = [pytest.mark.integration, pytest.mark.own_cluster]
 
@@ -43,19 +42,16 @@ def gateway_replicas() -> int:
 
 @pytest.fixture()
 def autoscaled_gateway(tiny_home: Path, tmp_path: Path) -> Iterator[str]:
-    config = default_serve_config(autoscale=True)
-    gateway = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Gateway")
-    gateway["autoscaling_config"] = GATEWAY_AUTOSCALING
-    gateway["user_config"]["routing"]["threshold"] = 0.0  # the student answers: load on the Gateway only
     # Under this load, the shedding that keeps latency under overload (tests/integration/test_limits.py) fires
     # only while the new replica's start takes the two cores from the first one: on a slow CI machine that
     # refused 339 of 919 requests. This test is about scaling, so the queue deadline is long enough not to
     # shed here; a refusal still comes from the admission limit, which eight clients cannot reach.
-    gateway["user_config"]["limits"]["queue_deadline_s"] = 10.0
-    path = tmp_path / "serve.yaml"
-    path.write_text(yaml.safe_dump(config))
-    with cascade_serve("--no-fast", "--num-cpus", "2", "--metrics-port", str(free_port()), "--config", str(path),
-                       port=free_port(), home=tiny_home, log=tmp_path / "serve.log") as served:
+    config = serve_config_with(autoscale=True, Gateway={
+        "autoscaling_config": GATEWAY_AUTOSCALING,
+        "user_config": {"routing": {"threshold": 0.0},  # the student answers: load on the Gateway only
+                        "limits": {"queue_deadline_s": 10.0}}})
+    with cascade_serve("--no-fast", "--num-cpus", "2", "--metrics-port", str(free_port()), port=free_port(),
+                       home=tiny_home, log=tmp_path / "serve.log", config=config) as served:
         yield served.url
 
 

@@ -21,11 +21,10 @@ import httpx
 import pytest
 import yaml
 
-from serving.app import default_serve_config
 from serving.settings import ProcessLimits
 from tests.conftest import CASCADE
 from tests.integration.conftest import TEST_BASE
-from tests.servers import Served, cascade_serve, free_port
+from tests.servers import Served, cascade_serve, free_port, serve_config_with
 
 pytestmark = [pytest.mark.integration, pytest.mark.own_cluster]
 
@@ -37,23 +36,19 @@ TEXT = {"texts": ["a warm, funny and beautifully acted film"]}
 
 
 def _config(port: int) -> dict:
-    config = default_serve_config(port) | {"process_limits": LIMITS.model_dump()}
+    # One replica starts faster on 2 cores; the limits sit in front of it.
+    config = serve_config_with(port, Gateway={"num_replicas": 1, "user_config": TEST_BASE})
+    config["process_limits"] = LIMITS.model_dump()
     del config["http_options"]["request_timeout_s"], config["http_options"]["keep_alive_timeout_s"]  # one place
-    gateway = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Gateway")
-    gateway["num_replicas"] = 1  # one replica starts faster on 2 cores; the limits sit in front of it
-    for section, values in TEST_BASE.items():
-        gateway["user_config"][section].update(values)
     return config
 
 
 @pytest.fixture(scope="module")
 def served(tiny_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     folder = tmp_path_factory.mktemp("limits")
-    path = folder / "serve.yaml"
     port = free_port()
-    path.write_text(yaml.safe_dump(_config(port)))
-    with cascade_serve("--metrics-port", str(free_port()), "--config", str(path), port=port, home=tiny_home,
-                       log=folder / "serve.log") as served:
+    with cascade_serve("--metrics-port", str(free_port()), port=port, home=tiny_home, log=folder / "serve.log",
+                       config=_config(port)) as served:
         yield served
 
 

@@ -23,12 +23,10 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-import yaml
 
-from serving.app import default_serve_config
 from tests.conftest import CASCADE
 from tests.integration.conftest import TEST_BASE
-from tests.servers import cascade_serve, free_port, stop_ray
+from tests.servers import cascade_serve, free_port, serve_config_with, stop_ray
 
 pytestmark = [pytest.mark.integration, pytest.mark.own_cluster]
 
@@ -97,21 +95,19 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 @pytest.fixture()
 def gateway_url(cluster: Cluster, tiny_home: Path, tmp_path: Path) -> Iterator[tuple[str, int]]:
     teacher_port = cluster.start_teacher_node()
-    config = default_serve_config()
+    config = serve_config_with(
+        Teacher={"ray_actor_options": {"resources": {"teacher": 1}}},
+        # The Gateway stays on the head: on the teacher's node (it has a free CPU), losing the node would also lose
+        # a Gateway replica and its requests in flight (503s), a different fault from the one tested here.
+        Gateway={"ray_actor_options": {"resources": {"gateway": 1}},
+                 "user_config": {"routing": {"threshold": 1.0},  # every text goes to the teacher
+                                 "teacher": {"timeout_s": 2.0, "max_share": 1.0},
+                                 # The fault under test is the teacher's node; a loaded 2-core machine must not
+                                 # shed requests meanwhile.
+                                 "limits": TEST_BASE["limits"]}})
     config["proxy_location"] = "HeadOnly"  # both nodes share 127.0.0.1: one HTTP proxy
-    deployments = {d["name"]: d for d in config["applications"][0]["deployments"]}
-    deployments["Teacher"]["ray_actor_options"]["resources"] = {"teacher": 1}
-    # The Gateway stays on the head: on the teacher's node (it has a free CPU), losing the node would also lose
-    # a Gateway replica and its requests in flight (503s), a different fault from the one tested here.
-    deployments["Gateway"]["ray_actor_options"]["resources"] = {"gateway": 1}
-    deployments["Gateway"]["user_config"]["routing"]["threshold"] = 1.0  # every text goes to the teacher
-    deployments["Gateway"]["user_config"]["teacher"].update({"timeout_s": 2.0, "max_share": 1.0})
-    # The fault under test is the teacher's node; a loaded 2-core machine must not shed requests meanwhile.
-    deployments["Gateway"]["user_config"]["limits"].update(TEST_BASE["limits"])
-    path = tmp_path / "serve.yaml"
-    path.write_text(yaml.safe_dump(config))
-    with cascade_serve("--no-fast", "--address", cluster.address, "--config", str(path), port=free_port(),
-                       home=tiny_home, log=tmp_path / "serve.log", env=cluster.env, timeout_s=400,
+    with cascade_serve("--no-fast", "--address", cluster.address, port=free_port(), home=tiny_home,
+                       log=tmp_path / "serve.log", config=config, env=cluster.env, timeout_s=400,
                        own_ray=False) as served:  # the cluster fixture stops Ray
         yield served.url, teacher_port
 

@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import run_cli
 from tests.integration.conftest import API_KEY, TEST_BASE
 from tests.own_model_data import THREE_LABELS, three_label_csv, tiny_config
-from tests.servers import cascade_serve, free_port
+from tests.servers import cascade_serve, free_port, serve_config_with
 
 pytestmark = [pytest.mark.integration, pytest.mark.own_cluster]
 
@@ -33,29 +33,16 @@ def own_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
-def _serve_config(port: int, path: Path) -> Path:
-    """The default Serve config with the integration tests' generous teacher settings: on a loaded 2-core machine
-    a teacher call may take longer than the default timeout, and this test is about labels, not degradation."""
-    import yaml
-
-    from serving.app import default_serve_config
-
-    config = default_serve_config(port)
-    gateway = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Gateway")
-    for section, values in TEST_BASE.items():
-        gateway["user_config"][section].update(values)
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
 @pytest.fixture(scope="module")
 def own_gateway(own_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     log = tmp_path_factory.mktemp("own-gateway") / "serve.log"
     port = free_port()
     # --no-fast: Ray's Python proxy, no HAProxy, whose fixed stats ports another gateway on this host may hold.
-    with cascade_serve("--no-fast", "--metrics-port", str(free_port()),
-                       "--config", str(_serve_config(port, log.with_name("serve.yaml"))),
-                       port=port, home=own_home, log=log, env={"CASCADE_API_KEY": API_KEY}) as served, \
+    # The integration tests' generous teacher settings: on a loaded 2-core machine a teacher call may take longer
+    # than the default timeout, and this test is about labels, not degradation.
+    config = serve_config_with(port, Gateway={"user_config": TEST_BASE})
+    with cascade_serve("--no-fast", "--metrics-port", str(free_port()), port=port, home=own_home, log=log,
+                       config=config, env={"CASCADE_API_KEY": API_KEY}) as served, \
             httpx.Client(base_url=served.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as client:
         yield client
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,15 +21,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import yaml
 
 from bundle.registry import MANIFEST, TEACHER_DIR, Registry
 from bundle.runtime import StudentRuntime
 from bundle.teachers import RemoteTeacherSettings, TeacherSpec
 from routing.confidence import ConfidenceMeasure, confidence, softmax
-from tests.conftest import CASCADE
-from tests.integration.conftest import API_KEY, PORT, TEST_BASE, Gateway, replica_statuses
-from tests.servers import MLServer, hf_model_settings, hf_teacher_folder
+from tests.integration.conftest import API_KEY, PORT, TEST_BASE, Gateway, replica_statuses, serve_deploy
+from tests.servers import MLServer, hf_model_settings, hf_teacher_folder, merged, serve_config_with
 
 pytestmark = [pytest.mark.integration, pytest.mark.destructive(order=0)]
 
@@ -80,24 +77,11 @@ class Load:
 
 def deploy(gateway: Gateway, version: str | None, remote_url: str | None, threshold: float | None) -> None:
     """`serve deploy` the default Serve config with both deployments pinned to ``version`` (None: follow current)."""
-    from serving.app import default_serve_config
-
-    config = default_serve_config(PORT)
-    deployments = {d["name"]: d for d in config["applications"][0]["deployments"]}
-    gateway_config = deployments["Gateway"]["user_config"]
-    for section, values in TEST_BASE.items():
-        gateway_config[section].update(values)
-    gateway_config["routing"]["threshold"] = threshold
-    gateway_config["model"]["version"] = version
-    teacher_config = deployments["Teacher"]["user_config"]
-    teacher_config["model"]["version"] = version
-    teacher_config["runtime"]["remote_url"] = remote_url
-    path = gateway.log.with_name("serve-config-remote-teacher.yaml")
-    path.write_text(yaml.safe_dump(config))
-    env = os.environ | {"CASCADE_HOME": str(gateway.home), "RAY_AUTH_MODE": "token"}
-    deployed = subprocess.run([str(Path(CASCADE).with_name("serve")), "deploy", "-a", "http://127.0.0.1:8265",
-                               str(path)], capture_output=True, text=True, env=env, timeout=120)
-    assert deployed.returncode == 0, f"serve deploy failed:\n{deployed.stdout}\n{deployed.stderr}"
+    pinned = {"model": {"version": version}}
+    config = serve_config_with(
+        PORT, Gateway={"user_config": merged(TEST_BASE, pinned, {"routing": {"threshold": threshold}})},
+        Teacher={"user_config": merged(pinned, {"runtime": {"remote_url": remote_url}})})
+    serve_deploy(gateway, config, "serve-config-remote-teacher.yaml")
 
 
 def wait_until(check, what: str, timeout_s: float = 120.0) -> None:

@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
-import httpx
 import psutil
 import pytest
 
-from tests.conftest import CASCADE
-from tests.integration.conftest import _stop_ray
-from tests.servers import free_port
+from tests.servers import cascade_serve, free_port, stop_ray
 
 pytestmark = [pytest.mark.integration, pytest.mark.own_cluster]
 
@@ -53,46 +49,31 @@ def _haproxy_processes() -> list[psutil.Process]:
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_to_the_process_group_leaves_no_listener(tiny_home: Path, tmp_path: Path,
                                                         stop_signal: signal.Signals) -> None:
-    _stop_ray()
+    stop_ray()
     assert not _haproxy_processes(), "an HAProxy from an earlier run is still alive; the check would be void"
     port = free_port()
-    log = tmp_path / "serve.log"
-    env = os.environ | {"CASCADE_HOME": str(tiny_home)}
-    with log.open("w") as out:
-        process = subprocess.Popen([CASCADE, "serve", "--port", str(port), "--metrics-port", str(free_port())],
-                                   stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert process.poll() is None, f"cascade serve exited early:\n{log.read_text()[-4000:]}"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"not ready after 300 s:\n{log.read_text()[-4000:]}"
-            time.sleep(2)
-        ports = {port, HAPROXY_STATS_PORT, HAPROXY_METRICS_PORT}
-        assert _haproxy_processes(), "the fast path should run HAProxy; nothing to check otherwise"
-        assert {p for p, _ in _listeners(ports)} == ports, "HAProxy should listen on all three ports while serving"
+        with cascade_serve("--metrics-port", str(free_port()), port=port, home=tiny_home,
+                           log=tmp_path / "serve.log") as served:
+            process, log = served.process, served.log
+            ports = {port, HAPROXY_STATS_PORT, HAPROXY_METRICS_PORT}
+            assert _haproxy_processes(), "the fast path should run HAProxy; nothing to check otherwise"
+            assert {p for p, _ in _listeners(ports)} == ports, "HAProxy should listen on all three ports while serving"
 
-        os.killpg(process.pid, stop_signal)  # as `docker stop`, systemd or a terminal's Ctrl-C do
-        signalled = time.monotonic()
-        process.wait(timeout=120)
-        print(f"cascade serve stopped {time.monotonic() - signalled:.1f} s after {stop_signal.name}")
-        deadline = time.monotonic() + 30  # the kernel may take a moment to release a dying process's sockets
-        while (_listeners(ports) or _haproxy_processes()) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        left = _listeners(ports)
-        haproxies = [(p.pid, p.info["cmdline"]) for p in _haproxy_processes()]
-        assert not left, f"still listening after {stop_signal.name}: {left}\n{log.read_text()[-3000:]}"
-        assert not haproxies, f"HAProxy left running after {stop_signal.name}: {haproxies}"
-        assert process.returncode == 0, f"cascade serve exited with {process.returncode}"
-        # Not through Serve's graceful shutdown, whose drain of the Gateway replicas times out (30 s) on a stop.
-        assert "Controller failed to shut down" not in log.read_text(), log.read_text()[-3000:]
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        for haproxy in _haproxy_processes():  # never leave a listener behind for the next test
+            os.killpg(process.pid, stop_signal)  # as `docker stop`, systemd or a terminal's Ctrl-C do
+            signalled = time.monotonic()
+            process.wait(timeout=120)
+            print(f"cascade serve stopped {time.monotonic() - signalled:.1f} s after {stop_signal.name}")
+            deadline = time.monotonic() + 30  # the kernel may take a moment to release a dying process's sockets
+            while (_listeners(ports) or _haproxy_processes()) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            left = _listeners(ports)
+            haproxies = [(p.pid, p.info["cmdline"]) for p in _haproxy_processes()]
+            assert not left, f"still listening after {stop_signal.name}: {left}\n{log.read_text()[-3000:]}"
+            assert not haproxies, f"HAProxy left running after {stop_signal.name}: {haproxies}"
+            assert process.returncode == 0, f"cascade serve exited with {process.returncode}"
+            # Not through Serve's graceful shutdown, whose drain of the Gateway replicas times out (30 s) on a stop.
+            assert "Controller failed to shut down" not in log.read_text(), log.read_text()[-3000:]
+    finally:  # cascade_serve stopped what was left of serve and Ray; never leave a listener for the next test
+        for haproxy in _haproxy_processes():
             haproxy.kill()
-        _stop_ray()

@@ -1,19 +1,14 @@
-"""The rooms' import rules hold: no module imports itself back through others (checked here with grimp), and
-pyproject's import-linter contracts hold and catch a forbidden import (those run `lint-imports`, a subprocess)."""
+"""The rooms' import rules hold: no module imports itself back through others (checked here with grimp, in-process).
+pyproject's import-linter contracts (`lint-imports`, a subprocess): tests/integration/test_layout.py."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
 import grimp
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-LINT_IMPORTS = str(Path(sys.executable).with_name("lint-imports"))
 PACKAGES = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
 
 
@@ -75,26 +70,3 @@ def test_the_cycle_check_finds_a_cycle() -> None:
     assert import_cycles(graph) == [["a.x", "a.y", "a.z"]]
     graph.remove_import(importer="a.z", imported="a.x")
     assert import_cycles(graph) == []
-
-
-def _lint(cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([LINT_IMPORTS, "--no-cache"], cwd=cwd, capture_output=True, text=True, timeout=300)
-
-
-@pytest.mark.integration  # runs lint-imports in a subprocess
-def test_the_tree_keeps_every_contract() -> None:
-    result = _lint(ROOT)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-@pytest.mark.integration  # runs lint-imports in a subprocess
-def test_a_training_module_importing_serving_breaks_a_contract(tmp_path: Path) -> None:
-    """A copy of the tree where distill imports serving: lint-imports must fail and name the contract."""
-    for name in ("bundle", "cli", "records", "serving", "routing", "distill", "loadtests"):
-        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
-    (tmp_path / "distill" / "leak.py").write_text("from serving import settings\n")
-    result = _lint(tmp_path)
-    assert result.returncode != 0
-    assert "the offline side never imports serving" in result.stdout
-    assert "distill.leak -> serving.settings" in result.stdout

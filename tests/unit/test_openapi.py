@@ -197,3 +197,18 @@ def test_a_wrong_method_is_a_json_405_with_allow() -> None:
     assert answer.json()["error"] == "Method Not Allowed"
 
 
+
+
+def test_the_served_labels_are_the_only_feedback_labels_the_document_allows() -> None:
+    import jsonschema as validator
+
+    from serving.http import openapi_document
+
+    def body_schema(document: dict) -> dict:
+        return document["paths"]["/v1/feedback"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+
+    served = body_schema(openapi_document(["neg", "pos"]))
+    validator.validate({"texts": ["a"], "labels": ["pos"]}, served)
+    with pytest.raises(validator.ValidationError):
+        validator.validate({"texts": ["a"], "labels": ["unknown"]}, served)
+    assert "enum" not in body_schema(openapi_document(None))["properties"]["labels"]["items"]
