@@ -134,14 +134,43 @@ def agreement_curve(evidence: Evidence, thresholds: Iterable[float] | None = Non
         if len(observed) > 2000:  # a fine grid is enough, and keeps the sweep linear in the records
             observed = np.unique(np.quantile(evidence.confidence, np.linspace(0, 1, 2001)))
         thresholds = np.concatenate([[0.0], np.nextafter(observed, np.inf)])
-    agree = evidence.student_label == evidence.teacher_label
-    points = []
-    for threshold in thresholds:
-        deferred = evidence.confidence < threshold
-        share = float((evidence.weights * deferred).sum() / evidence.weights.sum())
-        points.append(CurvePoint(float(threshold), share,
-                                 weighted_proportion(deferred | agree, evidence.weights, level)))
-    return points
+    return _curve(evidence, np.asarray(list(thresholds), dtype=np.float64), level)
+
+
+def _curve(evidence: Evidence, thresholds: np.ndarray, level: float) -> list[CurvePoint]:
+    """``weighted_proportion`` at every threshold at once: sorted by confidence, the texts a threshold defers
+    are a prefix, so every sum it needs is a cumulative sum (linear in records plus thresholds, not their
+    product: the controller runs this on each replica's beat)."""
+    order = np.argsort(evidence.confidence, kind="stable")
+    confidence = evidence.confidence[order]
+    w = np.asarray(evidence.weights, dtype=np.float64)[order]
+    agree = (evidence.student_label == evidence.teacher_label)[order].astype(np.float64)
+    prefix = np.searchsorted(confidence, thresholds, side="left")  # texts with confidence < threshold
+
+    def upto(values: np.ndarray) -> np.ndarray:
+        return np.concatenate([[0.0], np.cumsum(values)])[prefix]
+
+    total, total_sq = w.sum(), (w * w).sum()
+    deferred_w, deferred_sq = upto(w), upto(w * w)
+    agreed_w, agreed_sq = (w * agree).sum() - upto(w * agree), (w * w * agree).sum() - upto(w * w * agree)
+    p = (deferred_w + agreed_w) / total  # y is 1 on the deferred prefix, else whether the student agreed
+    y_sq = deferred_sq + agreed_sq  # sum of w^2 y (y is 0 or 1)
+    variance = np.maximum(y_sq - 2 * p * y_sq + p * p * total_sq, 0.0) / total**2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        effective_n = np.where(variance > 0, p * (1 - p) / variance, total**2 / total_sq)
+    low, high = _wilson_many(p, effective_n, level)
+    return [CurvePoint(float(t), float(share), Interval(float(pi), float(lo), float(hi), len(w), float(n), level))
+            for t, share, pi, lo, hi, n in zip(thresholds, deferred_w / total, p, low, high, effective_n, strict=True)]
+
+
+def _wilson_many(p: np.ndarray, n: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """``wilson`` over arrays (one quantile lookup for them all)."""
+    z = float(norm.ppf(0.5 + level / 2))
+    safe_n = np.where(n > 0, n, 1.0)
+    centre = (p + z * z / (2 * safe_n)) / (1 + z * z / safe_n)
+    half = z / (1 + z * z / safe_n) * np.sqrt(np.maximum(p * (1 - p), 0.0) / safe_n + z * z / (4 * safe_n**2))
+    low, high = np.maximum(0.0, centre - half), np.minimum(1.0, centre + half)
+    return np.where(n > 0, low, 0.0), np.where(n > 0, high, 1.0)
 
 
 def threshold_for_target(points: list[CurvePoint], target: float) -> CurvePoint | None:
