@@ -21,7 +21,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ STUDENT_FP32_DIR = "student_fp32"
 TOKENIZER_DIR = "tokenizer"
 REPORT_FILE = "report.json"
 CURVE_FILE = "operating_curve.png"
+STAGING_PREFIX = ".staging-"  # a bundle being made: never a version (see ``Registry.staging``)
 
 # What each serving process loads, for ``Registry.load(verify=...)``: a process checks only those files.
 STUDENT_FILES = (STUDENT_FILE, TOKENIZER_DIR)
@@ -153,7 +155,8 @@ class Registry:
     def versions(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if (p / MANIFEST).is_file())
+        return sorted(p.name for p in self.root.iterdir()
+                      if (p / MANIFEST).is_file() and not p.name.startswith(STAGING_PREFIX))
 
     def current_version(self) -> str | None:
         try:
@@ -168,6 +171,21 @@ class Registry:
             n += 1
             version = f"v{stamp}-{n}"
         return version
+
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A new empty folder inside the registry for one bundle being made, so ``publish`` can move it into
+        place with one rename (same file system). Whatever the body does not publish is removed on the way
+        out, raised or not: a failed or refused build never leaves a half bundle. Its name starts with
+        ``STAGING_PREFIX``, which ``versions`` never lists, even in the instant ``publish`` has written the
+        manifest and not yet renamed the folder."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.root))
+        try:
+            yield path
+        finally:
+            if path.exists():  # published folders were renamed away
+                shutil.rmtree(path, ignore_errors=True)
 
     def publish(self, staging: Path, manifest_fields: dict[str, Any], version: str | None = None) -> Bundle:
         """Checksum a staged folder, write its manifest, and move it into the registry in one rename."""

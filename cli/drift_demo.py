@@ -32,13 +32,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
 import yaml
 
-from distill.data import load_amazon_snippets
+from distill.data import Dataset, load_amazon_snippets
 from loadtests.bench import wait_ready
 from routing.calibration import choose_threshold, sweep
 from routing.confidence import ConfidenceMeasure
@@ -173,87 +174,162 @@ def _private_gateway(home: Path, port: int, config: dict) -> Iterator[tuple[Path
     shutil.rmtree(demo_home, ignore_errors=True)
 
 
-def run_once(home: Path, seed: int, port: int, distill_config: Path | None, texts: int | None) -> dict:
-    """One run on a private copy of the bundle; returns its measurements (see the module docstring)."""
-    amazon = load_amazon_snippets()
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(amazon))[:texts]
-    cut = int(len(order) * HOLDOUT_SHARE)
-    holdout, stream = order[:cut], order[cut:]  # the permutation is also the stream order
-    held_texts, held_labels = [amazon.texts[i] for i in holdout], amazon.labels[holdout]
-    feedback = stream[: min(FEEDBACK_TEXTS, len(stream) // 3)]
-    with _private_gateway(home, port, _serve_config(port)) as (demo_home, env, url):
-        print(f"\nrun seed={seed}: model home {demo_home}; {len(stream)} Amazon texts streamed "
-              f"({len(feedback)} with true labels via /v1/feedback), {len(held_texts)} held out", flush=True)
-        with httpx.Client(base_url=url, timeout=120) as client:
-            status = client.get("/v1/status").json()
-            threshold, measure = status["threshold"], status["confidence_measure"]
-            old_probs, old_conf, old_version = _answers(client, held_texts, "student")
-            teacher_probs, _, _ = _answers(client, held_texts, "teacher")
-            teacher = teacher_probs.argmax(-1)
-            direct = float(np.where(old_conf < threshold, True, old_probs.argmax(-1) == teacher).mean())
-            started = time.monotonic()
-            for start in range(0, len(stream), 16):
-                batch = [amazon.texts[i] for i in stream[start : start + 16]]
-                client.post("/v1/classify", json={"texts": batch}).raise_for_status()
-            names = amazon.label_names
-            for start in range(0, len(feedback), 32):
-                part = feedback[start : start + 32]
-                client.post("/v1/feedback", json={"texts": [amazon.texts[i] for i in part],
-                                                  "labels": [names[int(amazon.labels[i])] for i in part]}
-                            ).raise_for_status()
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:  # every replica writes to the one queue: ask the queue
-                queued = _queue_backlog(env)
-                if queued["backlog"] >= len(feedback) + (len(stream) * SHADOW_SHARE) * 0.9:
-                    break
-                time.sleep(1)
-            print(f"streamed in {time.monotonic() - started:.0f} s; queue backlog {queued['backlog']}", flush=True)
-            gauge = _live_gauge(f"http://127.0.0.1:{port + 1}/metrics")
-            queue_estimate = queued.get("estimate", {}).get("live_agreement")
-            # The candidate is registered whatever the gate says (promoted only if it passes), so every run
-            # measures it on the held-out slice: the gate's verdict and the direct measurement side by side.
-            settings = (yaml.safe_load(distill_config.read_text()) or {}) if distill_config else {}
-            settings_path = demo_home / "distill.yaml"
-            settings_path.write_text(yaml.safe_dump(settings | {"register_whatever_the_gate_says": True}))
-            distill = subprocess.run([_cascade(), "distill", "--from-queue", "--config", str(settings_path)], env=env,
-                                     stdout=subprocess.PIPE, text=True)
-            outcome = json.loads(distill.stdout[distill.stdout.index("{"):])
-            print(f"cascade distill --from-queue: {outcome['status']}: {outcome['message']}", flush=True)
-            new_probs, new_version = old_probs, old_version
-            if outcome["status"] == "promoted":
-                deadline, in_a_row = time.monotonic() + 120, 0
-                while time.monotonic() < deadline and in_a_row < 20:  # every replica swaps on its own beat
-                    probe = client.post("/v1/classify", json={"texts": held_texts[:1], "route": "student"}).json()
-                    in_a_row = in_a_row + 1 if probe["results"][0]["student_version"] == outcome["version"] else 0
-                    time.sleep(0.1)
-                new_probs, _, new_version = _answers(client, held_texts, "student")
-            elif outcome.get("version"):  # registered, not promoted: measured offline, never served
-                new_probs, new_version = _candidate_probs(demo_home, outcome["version"], held_texts), outcome["version"]
+@dataclass(frozen=True)
+class DemoTexts:
+    """One run's Amazon texts, drawn by its seed: a held-out slice measured over HTTP (never in the queue) and
+    the stream, in the order it is sent; the stream's first texts also get their true labels."""
+
+    amazon: Dataset
+    holdout: np.ndarray
+    stream: np.ndarray
+    feedback: np.ndarray
+
+    @classmethod
+    def draw(cls, amazon: Dataset, seed: int, texts: int | None) -> DemoTexts:
+        order = np.random.default_rng(seed).permutation(len(amazon))[:texts]
+        cut = int(len(order) * HOLDOUT_SHARE)
+        holdout, stream = order[:cut], order[cut:]  # the permutation is also the stream order
+        return cls(amazon, holdout, stream, stream[: min(FEEDBACK_TEXTS, len(stream) // 3)])
+
+    @property
+    def held_texts(self) -> list[str]:
+        return [self.amazon.texts[i] for i in self.holdout]
+
+    @property
+    def held_labels(self) -> np.ndarray:
+        return self.amazon.labels[self.holdout]
+
+
+@dataclass(frozen=True)
+class Before:
+    """Both models on the held-out slice before the stream, and the live threshold they are cascaded at."""
+
+    threshold: float
+    measure: str
+    probs: np.ndarray  # the current student's
+    confidence: np.ndarray
+    version: str
+    teacher_probs: np.ndarray
+
+    @property
+    def direct_agreement(self) -> float:
+        """The cascade's agreement with the teacher at the live threshold, measured directly: what the live
+        gauge estimates."""
+        deferred = self.confidence < self.threshold
+        return float(np.where(deferred, True, self.probs.argmax(-1) == self.teacher_probs.argmax(-1)).mean())
+
+
+def _measure_before(client: httpx.Client, held_texts: list[str]) -> Before:
+    """The live threshold and both models' answers on the held-out slice (``route`` student, then teacher)."""
+    status = client.get("/v1/status").json()
+    probs, confidence, version = _answers(client, held_texts, "student")
+    return Before(status["threshold"], status["confidence_measure"], probs, confidence, version,
+                  _answers(client, held_texts, "teacher")[0])
+
+
+def _stream(client: httpx.Client, texts: DemoTexts) -> None:
+    """The stream through the gateway (``route: auto``), then true labels for its first texts (/v1/feedback)."""
+    amazon = texts.amazon
+    for start in range(0, len(texts.stream), 16):
+        batch = [amazon.texts[i] for i in texts.stream[start : start + 16]]
+        client.post("/v1/classify", json={"texts": batch}).raise_for_status()
+    names = amazon.label_names
+    for start in range(0, len(texts.feedback), 32):
+        part = texts.feedback[start : start + 32]
+        client.post("/v1/feedback", json={"texts": [amazon.texts[i] for i in part],
+                                          "labels": [names[int(amazon.labels[i])] for i in part]}).raise_for_status()
+
+
+def _wait_for_queue(env: dict[str, str], expected: float, timeout_s: float = 120) -> dict:
+    """The queue's stats once it holds ``expected`` records (or after ``timeout_s``): every replica writes to
+    the one queue, so the queue is asked, not a replica."""
+    deadline = time.monotonic() + timeout_s
+    queued = _queue_backlog(env)
+    while queued["backlog"] < expected and time.monotonic() < deadline:
+        time.sleep(1)
+        queued = _queue_backlog(env)
+    return queued
+
+
+def _distill_from_queue(demo_home: Path, env: dict[str, str], distill_config: Path | None) -> dict:
+    """`cascade distill --from-queue`'s JSON result. The candidate is registered whatever the gate says
+    (promoted only if it passes), so every run measures it on the held-out slice: the gate's verdict and the
+    direct measurement side by side."""
+    settings = (yaml.safe_load(distill_config.read_text()) or {}) if distill_config else {}
+    settings_path = demo_home / "distill.yaml"
+    settings_path.write_text(yaml.safe_dump(settings | {"register_whatever_the_gate_says": True}))
+    distill = subprocess.run([_cascade(), "distill", "--from-queue", "--config", str(settings_path)], env=env,
+                             stdout=subprocess.PIPE, text=True)
+    outcome = json.loads(distill.stdout[distill.stdout.index("{"):])
+    print(f"cascade distill --from-queue: {outcome['status']}: {outcome['message']}", flush=True)
+    return outcome
+
+
+def _student_after(client: httpx.Client, demo_home: Path, outcome: dict, held_texts: list[str],
+                   before: Before) -> tuple[np.ndarray, str]:
+    """The held-out probabilities and version of the student after the run: the promoted one over HTTP once
+    every replica has swapped, a registered candidate from its files (never served), else the old one."""
+    if outcome["status"] == "promoted":
+        deadline, in_a_row = time.monotonic() + 120, 0
+        while time.monotonic() < deadline and in_a_row < 20:  # every replica swaps on its own beat
+            probe = client.post("/v1/classify", json={"texts": held_texts[:1], "route": "student"}).json()
+            in_a_row = in_a_row + 1 if probe["results"][0]["student_version"] == outcome["version"] else 0
+            time.sleep(0.1)
+        probs, _, version = _answers(client, held_texts, "student")
+        return probs, version
+    if outcome.get("version"):  # registered, not promoted: measured offline, never served
+        return _candidate_probs(demo_home, outcome["version"], held_texts), outcome["version"]
+    return before.probs, before.version
+
+
+def run_summary(seed: int, texts: DemoTexts, before: Before, live: dict, outcome: dict, new_probs: np.ndarray,
+                new_version: str) -> dict:
+    """One run's measurements (see the module docstring); ``live`` holds the gauge and the queue's estimate."""
+    teacher, held_labels, old_probs = before.teacher_probs.argmax(-1), texts.held_labels, before.probs
     # Disagreement with the teacher = 1 - agreement; a paired comparison of the two students on the same texts.
-    agreement = Paired.of(teacher, old_probs.argmax(-1), new_probs.argmax(-1))
-    low, high = agreement.difference_bounds()
+    low, high = Paired.of(teacher, old_probs.argmax(-1), new_probs.argmax(-1)).difference_bounds()
     gate = outcome.get("gate", {})
     return {
         "seed": seed,
         "outcome": "promoted" if outcome["status"] == "promoted" else gate.get("outcome", outcome["status"]),
-        "old_version": old_version, "new_version": new_version,
-        "held_out": len(held_texts),
+        "old_version": before.version, "new_version": new_version,
+        "held_out": len(texts.holdout),
         "disagreement_before": float((old_probs.argmax(-1) != teacher).mean()),
         "disagreement_after": float((new_probs.argmax(-1) != teacher).mean()),
         "disagreement_reduction_low95": low, "disagreement_reduction_high95": high,  # in points of texts
-        "share_for_97_before": _share_for(old_probs, teacher_probs, measure),
-        "share_for_97_after": _share_for(new_probs, teacher_probs, measure),
+        "share_for_97_before": _share_for(old_probs, before.teacher_probs, before.measure),
+        "share_for_97_after": _share_for(new_probs, before.teacher_probs, before.measure),
         "base_test_before": gate.get("current_test_accuracy"), "base_test_after": gate.get("new_test_accuracy"),
         "base_test_agreement_before": gate.get("current_test_agreement"),
         "base_test_agreement_after": gate.get("new_test_agreement"),
         "accuracy_before": float((old_probs.argmax(-1) == held_labels).mean()),
         "accuracy_after": float((new_probs.argmax(-1) == held_labels).mean()),
         "teacher_accuracy": float((teacher == held_labels).mean()),
-        "live_gauge": gauge, "live_queue_estimate": queue_estimate, "direct_agreement": direct,
+        "live_gauge": live["gauge"], "live_queue_estimate": live["queue_estimate"],
+        "direct_agreement": before.direct_agreement,
         "false_promotion": gate.get("false_promotion"), "gate": {k: gate.get(k) for k in ("outcome", "holdout",
                                                                                          "base", "reasons")},
     }
+
+
+def run_once(home: Path, seed: int, port: int, distill_config: Path | None, texts: int | None) -> dict:
+    """One run on a private copy of the bundle; returns its measurements (see the module docstring)."""
+    drawn = DemoTexts.draw(load_amazon_snippets(), seed, texts)
+    held_texts = drawn.held_texts
+    with _private_gateway(home, port, _serve_config(port)) as (demo_home, env, url):
+        print(f"\nrun seed={seed}: model home {demo_home}; {len(drawn.stream)} Amazon texts streamed "
+              f"({len(drawn.feedback)} with true labels via /v1/feedback), {len(held_texts)} held out", flush=True)
+        with httpx.Client(base_url=url, timeout=120) as client:
+            before = _measure_before(client, held_texts)
+            started = time.monotonic()
+            _stream(client, drawn)
+            queued = _wait_for_queue(env, len(drawn.feedback) + (len(drawn.stream) * SHADOW_SHARE) * 0.9)
+            print(f"streamed in {time.monotonic() - started:.0f} s; queue backlog {queued['backlog']}", flush=True)
+            live = {"gauge": _live_gauge(f"http://127.0.0.1:{port + 1}/metrics"),
+                    "queue_estimate": queued.get("estimate", {}).get("live_agreement")}
+            outcome = _distill_from_queue(demo_home, env, distill_config)
+            new_probs, new_version = _student_after(client, demo_home, outcome, held_texts, before)
+    return run_summary(seed, drawn, before, live, outcome, new_probs, new_version)
 
 
 def _change(cut: float) -> str:

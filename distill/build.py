@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,33 +21,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from bundle.registry import (
-    CURVE_FILE,
-    STUDENT_FILE,
-    STUDENT_FP32_DIR,
-    TEACHER_DIR,
-    TOKENIZER_DIR,
-    Bundle,
-    Registry,
-)
-from bundle.runtime import TEACHER_ONNX_FILE, StudentRuntime
+from bundle.registry import TEACHER_DIR, Bundle, Registry
+from bundle.runtime import TEACHER_ONNX_FILE
 from bundle.teacher_spec import TeacherSpec
 from distill import base_models, frozen, train
 from distill.config import BuildConfig, BuildInputError
 from distill.data import Dataset, Splits, load_splits
-from distill.evaluate import (
-    calibration_summary,
-    evaluate_bundle,
-    operating_curve_png,
-    pick_operating_point,
-    thin_curve,
-    write_report,
-)
-from distill.export import build_student_onnx, build_teacher_onnx
-from routing.calibration import fit_temperature
-from routing.confidence import ConfidenceMeasure, softmax
+from distill.export import build_teacher_onnx
+from distill.publish import CALIBRATION_FILE as CALIBRATION_FILE  # where `cascade calibrate` reads it
+from distill.publish import publish_student, timed
 
-CALIBRATION_FILE = "calibration.npz"
 TEACHER_CACHE = "teacher_answers"  # the folder distill.evaluate.teacher_cache_dir reads: eval reuses build answers
 
 
@@ -426,37 +408,6 @@ def _student_checkpoint(cfg: BuildConfig, teacher: Teacher, splits: Splits, soft
     return student, tokenizer, init, val_agreement
 
 
-def calibrate_bundle_dir(staging: Path, cfg: BuildConfig, val_student_logits: np.ndarray,
-                         val_teacher_logits: np.ndarray, val_labels: np.ndarray,
-                         test_student_logits: np.ndarray, test_teacher_logits: np.ndarray,
-                         test_labels: np.ndarray) -> dict[str, Any]:
-    """Fit temperatures on val, pick the threshold on val, and keep the val logits for `cascade calibrate`."""
-    t_student = fit_temperature(val_student_logits, val_labels)
-    t_teacher = fit_temperature(val_teacher_logits, val_labels)
-    np.savez(staging / CALIBRATION_FILE, student_logits=val_student_logits,
-             teacher_logits=val_teacher_logits, labels=val_labels)
-    measure = ConfidenceMeasure.MAX_PROB
-    chosen, points = pick_operating_point(
-        softmax(val_student_logits, t_student), softmax(val_teacher_logits, t_teacher), val_labels, measure,
-        target_agreement=cfg.calibration.target_agreement, teacher_share=None, level=cfg.calibration.level,
-    )
-    operating_curve_png(points, chosen, staging / CURVE_FILE, "Deferral sweep on val")
-    return {
-        "temperatures": {"student": t_student, "teacher": t_teacher},
-        "threshold": chosen.threshold,
-        "confidence_measure": measure.value,
-        "calibration": {
-            "student": calibration_summary(test_student_logits, test_labels, t_student),
-            "teacher": calibration_summary(test_teacher_logits, test_labels, t_teacher),
-            "fitted_on": "val",
-            "ece_measured_on": "test",
-            "target": {"agreement_with_teacher": cfg.calibration.target_agreement, "level": cfg.calibration.level},
-            "val_operating_point": chosen.as_dict(),
-            "val_curve": thin_curve(points),
-        },
-    }
-
-
 def teacher_answers(cfg: BuildConfig, teacher: Teacher, splits: Splits) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The teacher's train targets (logits, then its pooled last layer where the hidden-state loss is on) and
     its val and test logits: from the fine-tuning cache where it has them, else asked now."""
@@ -472,13 +423,36 @@ def teacher_answers(cfg: BuildConfig, teacher: Teacher, splits: Splits) -> tuple
     return soft, val, test
 
 
-@contextmanager
-def _stage(seconds: dict[str, float], name: str) -> Iterator[None]:
-    """Time one build stage: the report keeps where a build's minutes went, so cuts follow measurements."""
-    started = time.perf_counter()
-    yield
-    seconds[name] = round(time.perf_counter() - started, 1)
-    tqdm.write(f"stage {name}: {seconds[name]:.1f} s")
+def _stage_teacher(teacher: Teacher, cfg: BuildConfig, check_texts: list[str], stages: dict[str, float],
+                   staging: Path) -> dict[str, Any]:
+    """A local teacher's weights (and its own tokenizer) and its fp32 ONNX graph in ``teacher/``; a remote
+    teacher has no files. Returns the manifest's ``teacher_onnx`` metric (None for a remote teacher)."""
+    if teacher.model is None:
+        return {"teacher_onnx": None}
+    teacher.model.save_pretrained(str(staging / TEACHER_DIR), safe_serialization=True)
+    if teacher.own_tokenizer:  # serving and evaluation read a tokenizer inside teacher/ before tokenizer/
+        teacher.tokenizer.save_pretrained(str(staging / TEACHER_DIR))
+    with timed(stages, "teacher onnx export"):
+        teacher_onnx = build_teacher_onnx(teacher.model, teacher.tokenizer, check_texts, cfg.max_length,
+                                          staging / TEACHER_DIR / TEACHER_ONNX_FILE)
+    tqdm.write(f"fp32 ONNX teacher: {teacher_onnx}")
+    return {"teacher_onnx": teacher_onnx}
+
+
+def _manifest_fields(cfg: BuildConfig, teacher: Teacher, splits: Splits, parent: str | None, teacher_val: float,
+                     student_val_agreement: float, init: str) -> dict[str, Any]:
+    """The build's own manifest fields: labels, data fingerprints, lineage, settings and its training metrics
+    (publish_student adds calibration's fields and the export checks)."""
+    return {
+        "labels": list(splits.train.label_names),
+        "max_length": cfg.max_length,
+        "teacher": teacher.spec,
+        "source_data": {part: {"name": data.name, "texts": len(data), "sha256": data.fingerprint()}
+                        for part, data in (("train", splits.train), ("val", splits.val), ("test", splits.test))},
+        "parent_version": parent,
+        "metrics": {"teacher_val_accuracy": teacher_val, "student_fp32_val_agreement": student_val_agreement},
+        "build": cfg.model_dump(mode="json") | {"student_init": init},
+    }
 
 
 def build(cfg: BuildConfig, home: Path, promote: bool = True) -> Bundle:
@@ -496,61 +470,22 @@ def build(cfg: BuildConfig, home: Path, promote: bool = True) -> Bundle:
     work.mkdir(parents=True, exist_ok=True)
 
     stages: dict[str, float] = {}
-    with _stage(stages, "teacher"):
+    with timed(stages, "teacher"):
         teacher, splits = prepare_teacher(cfg, splits, home, work)
-    labels = splits.train.label_names
-    with _stage(stages, "teacher logits"):
+    with timed(stages, "teacher logits"):
         soft, val_teacher, test_teacher = teacher_answers(cfg, teacher, splits)
     teacher_val = float((val_teacher.argmax(-1) == splits.val.labels).mean())
-    with _stage(stages, "student distillation"):
+    with timed(stages, "student distillation"):
         student, tokenizer, init, student_val_agreement = _student_checkpoint(cfg, teacher, splits, soft,
                                                                              val_teacher, work)
-    registry.root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=registry.root))
-    try:
-        teacher_onnx: dict[str, float] | None = None
-        if teacher.model is not None:
-            teacher.model.save_pretrained(str(staging / TEACHER_DIR), safe_serialization=True)
-            if teacher.own_tokenizer:  # serving and evaluation read a tokenizer inside teacher/ before tokenizer/
-                teacher.tokenizer.save_pretrained(str(staging / TEACHER_DIR))
-            with _stage(stages, "teacher onnx export"):
-                teacher_onnx = build_teacher_onnx(teacher.model, teacher.tokenizer, splits.val.texts[:64],
-                                                  cfg.max_length, staging / TEACHER_DIR / TEACHER_ONNX_FILE)
-            tqdm.write(f"fp32 ONNX teacher: {teacher_onnx}")
-        student.save_pretrained(str(staging / STUDENT_FP32_DIR), safe_serialization=True)
-        tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
-        with _stage(stages, "export and int8"):
-            quantization = build_student_onnx(student, tokenizer, splits.val.texts[:256], cfg.max_length,
-                                              staging / STUDENT_FILE)
-        tqdm.write(f"int8 student: {quantization}")
-        runtime = StudentRuntime(staging / STUDENT_FILE, staging / TOKENIZER_DIR, cfg.max_length, cfg.threads)
-        val_student = runtime.logits(splits.val.texts)
-        test_student = runtime.logits(splits.test.texts)
-        fields = calibrate_bundle_dir(staging, cfg, val_student, val_teacher, splits.val.labels,
-                                      test_student, test_teacher, splits.test.labels)
-        calibration = fields.pop("calibration")
-        fields |= {
-            "labels": list(labels),
-            "max_length": cfg.max_length,
-            "teacher": teacher.spec,
-            "source_data": {part: {"name": data.name, "texts": len(data), "sha256": data.fingerprint()}
-                            for part, data in (("train", splits.train), ("val", splits.val), ("test", splits.test))},
-            "parent_version": registry.current_version(),
-            "metrics": {"teacher_val_accuracy": teacher_val, "student_fp32_val_agreement": student_val_agreement,
-                        "quantization": quantization, "teacher_onnx": teacher_onnx},
-            "build": cfg.model_dump(mode="json") | {"student_init": init},
-        }
-        bundle = registry.publish(staging, fields)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    tqdm.write(f"published {bundle.version}; evaluating on test")
-    with _stage(stages, "evaluation"):
-        evaluation = evaluate_bundle(bundle, splits, bootstrap_samples=cfg.evaluation.bootstrap_samples,
-                                     latency_runs=cfg.evaluation.latency_runs, threads=cfg.threads,
-                                     teacher_logits_test=test_teacher)
-    write_report(bundle.path, {"evaluation": evaluation, "calibration": calibration,
-                               "build_seconds": time.time() - started, "stage_seconds": stages})
+    fields = _manifest_fields(cfg, teacher, splits, registry.current_version(), teacher_val, student_val_agreement,
+                              init)
+    bundle = publish_student(
+        registry, student=student, tokenizer=tokenizer, cfg=cfg, splits=splits, teacher_val=val_teacher,
+        teacher_test=test_teacher, fields=fields, threads=cfg.threads, started=started, stages=stages,
+        stage_teacher=partial(_stage_teacher, teacher, cfg, splits.val.texts[:64], stages), progress=tqdm.write,
+    )
+    assert bundle is not None  # no judge: nothing refuses it
     if promote:
         registry.promote(bundle.version)
     return registry.load(bundle.version)

@@ -43,7 +43,7 @@ from distill.config import BuildConfig
 from distill.data import Dataset, Splits
 from distill.evaluate import teacher_cache_dir
 from distill.publish import Candidate, publish_student, student_logits
-from records.queue import DisagreementRecord, Leased, QueueBackend
+from records.queue import AnswerRecord, Leased, QueueBackend
 from routing.promotion import GateDecision, Paired, decide, false_promotion_rate
 
 
@@ -125,7 +125,7 @@ def _starting_student(bundle: Bundle, build_cfg: BuildConfig):
     return train.student_from_teacher(teacher, build_cfg.student.layers)
 
 
-def target_logits(record: DisagreementRecord, n_labels: int, teacher_temperature: float, sharpen: float,
+def target_logits(record: AnswerRecord, n_labels: int, teacher_temperature: float, sharpen: float,
                   label_smoothing: float) -> np.ndarray | None:
     """What the student learns for one record: a true label outranks the teacher's answer (None: neither)."""
     if record.label is not None:
@@ -165,7 +165,7 @@ def augmented_texts(answered: list[str], copies: int, rng: np.random.Generator) 
     return [text for _ in range(copies) for text in train.perturb(answered, rng)]
 
 
-def gate_target(record: DisagreementRecord) -> int:
+def gate_target(record: AnswerRecord) -> int:
     """The answer a held-out record is judged against: the true label if known, else the teacher's."""
     return record.label if record.label is not None else int(np.argmax(record.teacher_probs))
 
@@ -227,7 +227,7 @@ def _wait(queue: QueueBackend, leased: list[Leased], parent: Bundle, message: st
                            message=message)
 
 
-def _not_ready(cfg: RedistillConfig, holdout: int, prior: dict[str, int], parent_version: str) -> str | None:
+def not_ready_reason(cfg: RedistillConfig, holdout: int, prior: dict[str, int], parent_version: str) -> str | None:
     """Why the gate cannot look yet (too few held-out records, or no new evidence since its last look against
     this student: each look spends alpha); None when it can. Checked before any training is paid for."""
     if holdout < cfg.min_holdout_records:
@@ -469,7 +469,7 @@ def redistill(home: Path, queue: QueueBackend, cfg: RedistillConfig) -> Redistil
     torch.set_num_threads(threads)
     slices = Slices(leased, *split_records(leased, parent.teacher_version, cfg.holdout_share, cfg.select_share))
     prior = _read_gate_state(home, parent.version)
-    reason = _not_ready(cfg, len(slices.holdout), prior, parent.version)
+    reason = not_ready_reason(cfg, len(slices.holdout), prior, parent.version)
     if reason is not None:
         return _wait(queue, leased, parent, reason)
     splits = splits_for(build_cfg)

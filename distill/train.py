@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -294,6 +295,82 @@ EpochExtra = Callable[[int, np.random.Generator], tuple[list[str], np.ndarray]]
 Score = Callable[[np.ndarray], float]
 
 
+def epoch_rows(train: Dataset, base_soft: np.ndarray, extra: EpochExtra | None, epoch: int,
+               generator: np.random.Generator, width: int = 0) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """One epoch's texts, hard labels and soft targets: the training set, then ``extra``'s rows for this epoch,
+    whose label is the teacher's answer (the argmax of their logits, before the ``width`` pooled columns)."""
+    texts, labels, soft = list(train.texts), train.labels, base_soft
+    if extra is not None:
+        more_texts, more_soft = extra(epoch, generator)
+        texts += more_texts
+        labels = np.concatenate([labels, more_soft[:, : more_soft.shape[1] - width].argmax(-1)])
+        soft = np.concatenate([soft, more_soft.astype(np.float32)])
+    return texts, labels, soft
+
+
+def epoch_batches(tokenizer, texts: list[str], batch_size: int, max_length: int, bucket_by_length: bool,
+                  generator: np.random.Generator) -> list[np.ndarray]:
+    """One epoch's batches of row indices: texts of similar token length together (less padding: faster on
+    CPU), or a plain shuffle (the teacher's recipe)."""
+    if bucket_by_length:
+        tokens = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        return length_bucketed_batches(np.array([len(ids) for ids in tokens]), batch_size, generator)
+    order = generator.permutation(len(texts))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@dataclass
+class TrainingSteps:
+    """What every step of one ``fit`` shares: the model, its loss, and one AdamW (fused kernel) with its schedule
+    over the parameters of the model and of the hidden-state projection."""
+
+    model: PreTrainedModel
+    tokenizer: Any
+    loss_fn: LossFn
+    max_length: int
+    precision: Literal["bf16", "fp32"]
+    hidden: HiddenStateDistillation | None
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    @classmethod
+    def for_model(cls, model: PreTrainedModel, tokenizer: Any, loss_fn: LossFn, lr: float, steps: int,
+                  max_length: int, precision: Literal["bf16", "fp32"],
+                  hidden: HiddenStateDistillation | None) -> TrainingSteps:
+        params = list(model.parameters()) + (list(hidden.parameters()) if hidden is not None else [])
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=True)
+        return cls(model, tokenizer, loss_fn, max_length, precision, hidden, params, optimizer,
+                   linear_schedule(optimizer, steps))
+
+    @property
+    def width(self) -> int:
+        """Soft-target columns that are the teacher's pooled representation (the hidden-state loss's)."""
+        return self.hidden.teacher_width if self.hidden is not None else 0
+
+    def loss(self, texts: list[str], labels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """One batch's loss: ``loss_fn`` on the logits, plus the hidden-state loss where it is on."""
+        batch = encode(self.tokenizer, texts, self.max_length)
+        width = self.width
+        with autocast(self.precision):
+            outputs = self.model(**batch, output_hidden_states=self.hidden is not None)
+        loss = self.loss_fn(outputs.logits.float(), labels, targets[:, : targets.shape[1] - width])
+        if self.hidden is not None:
+            loss = loss + self.hidden.loss(outputs.hidden_states[-1], batch["attention_mask"], targets[:, -width:])
+        return loss
+
+    def epoch(self, texts: list[str], labels: np.ndarray, soft: np.ndarray, batches: list[np.ndarray],
+              bar: tqdm, epoch: int) -> None:
+        """One pass over ``batches``, a step each."""
+        label_tensor, soft_tensor = torch.from_numpy(labels), torch.from_numpy(soft)
+        self.model.train()
+        for index in batches:
+            loss = self.loss([texts[i] for i in index], label_tensor[index], soft_tensor[index])
+            optimizer_step(loss, self.params, self.optimizer, self.scheduler)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+
+
 def fit(
     model: PreTrainedModel,
     tokenizer,
@@ -331,40 +408,15 @@ def fit(
     torch.manual_seed(seed)
     score = score or (lambda logits: float((logits.argmax(-1) == val.labels).mean()))
     extra_per_epoch = 0 if extra is None else len(train) if extra_per_epoch is None else extra_per_epoch
-    params = list(model.parameters()) + (list(hidden.parameters()) if hidden is not None else [])
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=True)
-    width = hidden.teacher_width if hidden is not None else 0
     steps = epochs * max(1, -(-(len(train) + extra_per_epoch) // batch_size))
-    scheduler = linear_schedule(optimizer, steps)
+    stepper = TrainingSteps.for_model(model, tokenizer, loss_fn, lr, steps, max_length, precision, hidden)
     base_soft = np.zeros((len(train), 1), np.float32) if soft_targets is None else soft_targets
     best_state, best_score = copy.deepcopy(model.state_dict()), -np.inf
     with tqdm(total=steps, desc=desc, unit="step") as bar:
         for epoch in range(epochs):
-            texts, labels, soft = list(train.texts), train.labels, base_soft
-            if extra is not None:
-                more_texts, more_soft = extra(epoch, generator)
-                texts += more_texts
-                labels = np.concatenate([labels, more_soft[:, : more_soft.shape[1] - width].argmax(-1)])
-                soft = np.concatenate([soft, more_soft.astype(np.float32)])
-            if bucket_by_length:
-                tokens = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-                batches = length_bucketed_batches(np.array([len(ids) for ids in tokens]), batch_size, generator)
-            else:
-                order = generator.permutation(len(texts))
-                batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-            label_tensor, soft_tensor = torch.from_numpy(labels), torch.from_numpy(soft)
-            model.train()
-            for index in batches:
-                batch = encode(tokenizer, [texts[i] for i in index], max_length)
-                targets = soft_tensor[index]
-                with autocast(precision):
-                    outputs = model(**batch, output_hidden_states=hidden is not None)
-                loss = loss_fn(outputs.logits.float(), label_tensor[index], targets[:, : targets.shape[1] - width])
-                if hidden is not None:
-                    loss = loss + hidden.loss(outputs.hidden_states[-1], batch["attention_mask"], targets[:, -width:])
-                optimizer_step(loss, params, optimizer, scheduler)
-                bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+            texts, labels, soft = epoch_rows(train, base_soft, extra, epoch, generator, stepper.width)
+            batches = epoch_batches(tokenizer, texts, batch_size, max_length, bucket_by_length, generator)
+            stepper.epoch(texts, labels, soft, batches, bar, epoch)
             value = score(predict_logits(model, tokenizer, val.texts, max_length))
             bar.set_postfix(epoch=epoch + 1, val_score=f"{value:.4f}")
             tqdm.write(f"{desc}: epoch {epoch + 1} val score {value:.4f}")

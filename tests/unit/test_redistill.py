@@ -16,7 +16,7 @@ from distill.config import BuildConfig
 from distill.data import load_amazon_snippets
 from distill.evaluate import teacher_cache_dir
 from distill.redistill import RedistillConfig, gate_target, redistill, split_records, target_logits
-from records.queue import DisagreementRecord, Leased, SqliteQueue, teacher_answer_records
+from records.queue import AnswerRecord, Leased, SqliteQueue, teacher_answer_records
 from routing.confidence import softmax
 
 
@@ -89,8 +89,8 @@ def test_wait_without_enough_held_out_traffic_or_without_new_evidence(tiny_home_
 
 
 def record(reason: str, label: int | None = None, teacher: list[float] | None = (0.2, 0.8),
-           teacher_version: str = "t", text: str = "x", probability: float = 1.0) -> DisagreementRecord:
-    return DisagreementRecord(text=text, student_probs=[0.6, 0.4], teacher_probs=None if teacher is None else
+           teacher_version: str = "t", text: str = "x", probability: float = 1.0) -> AnswerRecord:
+    return AnswerRecord(text=text, student_probs=[0.6, 0.4], teacher_probs=None if teacher is None else
                               list(teacher), student_version="s", teacher_version=teacher_version, reason=reason,
                               label=label, sampling_probability=probability)
 

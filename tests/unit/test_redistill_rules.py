@@ -1,12 +1,20 @@
-"""What a re-distillation learns from its queued records: the training rows and the augmented texts (no training)."""
+"""What a re-distillation learns from its queued records: the training rows, the augmented texts, the base replay,
+the epoch choice and when the gate may look (no training)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from distill.redistill import augmented_texts, training_rows
-from records.queue import DisagreementRecord, Leased
+from distill.redistill import (
+    EpochChoice,
+    RedistillConfig,
+    augmented_texts,
+    not_ready_reason,
+    replay_indices,
+    training_rows,
+)
+from records.queue import AnswerRecord, Leased
 
 N_LABELS = 2
 T_TEACHER = 2.0
@@ -15,7 +23,7 @@ SMOOTHING = 0.1
 
 def leased(text: str, reason: str = "shadow", teacher: tuple[float, float] | None = (0.8, 0.2),
            label: int | None = None) -> Leased:
-    record = DisagreementRecord(text=text, student_probs=[0.6, 0.4], teacher_probs=None if teacher is None
+    record = AnswerRecord(text=text, student_probs=[0.6, 0.4], teacher_probs=None if teacher is None
                                 else list(teacher), student_version="s1", teacher_version="t1", reason=reason,
                                 label=label)
     return Leased(token=record.id, record=record)
@@ -109,3 +117,44 @@ def test_augmented_texts_follow_the_generator() -> None:
 def test_no_copies_or_no_answered_texts_give_no_augmented_texts() -> None:
     assert augmented_texts(ANSWERED, 0, np.random.default_rng(0)) == []
     assert augmented_texts([], 4, np.random.default_rng(0)) == []
+
+
+def test_the_base_replay_is_a_fixed_sorted_subset_or_everything() -> None:
+    replay = replay_indices(100, 30, seed=7)
+    assert len(replay) == 30 and len(set(replay.tolist())) == 30
+    assert list(replay) == sorted(replay) and replay.max() < 100
+    assert np.array_equal(replay, replay_indices(100, 30, seed=7))  # every run replays the same rows
+    assert not np.array_equal(replay, replay_indices(100, 30, seed=8))
+    assert np.array_equal(replay_indices(10, None, seed=7), np.arange(10))
+    assert np.array_equal(replay_indices(10, 50, seed=7), np.arange(10))  # more asked than there are: all
+
+
+def one_hot(answers: list[int]) -> np.ndarray:
+    return np.eye(N_LABELS)[answers]
+
+
+def test_the_epoch_choice_scores_recent_traffic_above_the_base_val_floor_only() -> None:
+    """Rows are base val (judged against the teacher) then the selection slice (against its targets)."""
+    choice = EpochChoice(val_teacher_labels=np.array([0, 1, 0, 1]), select_labels=np.array([1, 1]), floor=0.75)
+    keeps_base = choice(one_hot([0, 1, 0, 1, 1, 0]))  # base val 4/4, recent traffic 1/2
+    forgets_base = choice(one_hot([0, 0, 1, 1, 1, 1]))  # base val 2/4 (below the floor), recent 2/2
+    assert keeps_base == pytest.approx(0.5)
+    assert forgets_base < 0 < keeps_base  # better on recent traffic, but it lost the base domain
+    assert choice.checkpoints == [{"base_val_agreement": 1.0, "selection_agreement": 0.5},
+                                  {"base_val_agreement": 0.5, "selection_agreement": 1.0}]
+
+
+def test_without_a_selection_slice_the_epoch_is_chosen_on_base_val() -> None:
+    choice = EpochChoice(val_teacher_labels=np.array([0, 1]), select_labels=np.array([], dtype=np.int64), floor=0.0)
+    assert choice(one_hot([0, 0])) == pytest.approx(0.5)
+
+
+def test_the_gate_looks_only_with_enough_held_out_records_and_new_evidence() -> None:
+    cfg = RedistillConfig(min_holdout_records=20, min_new_evidence=0.25)
+    first = {"looks": 0, "holdout": 0}
+    assert "19 held-out shadow records (< 20)" in (not_ready_reason(cfg, 19, first, "v1") or "")
+    assert not_ready_reason(cfg, 20, first, "v1") is None
+    looked = {"looks": 2, "holdout": 100}
+    reason = not_ready_reason(cfg, 124, looked, "v1")
+    assert reason is not None and "needs new evidence: 125 (now 124)" in reason and "v1" in reason
+    assert not_ready_reason(cfg, 125, looked, "v1") is None
