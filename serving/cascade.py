@@ -297,8 +297,9 @@ class Cascade:
     @contextmanager
     def admitted(self) -> Iterator[None]:
         """One admission limit, below Ray's ``max_ongoing_requests`` so the cascade's refusal fires first."""
-        if self.in_flight >= self.admission_limit():
-            raise Overloaded("too many requests in flight")
+        limit = self.admission_limit()
+        if self.in_flight >= limit:
+            raise Overloaded(f"{self.in_flight} requests in flight, the admission limit of this replica")
         self.in_flight += 1
         try:
             yield

@@ -159,7 +159,8 @@ def test_overload_is_refused_at_once_with_retry_after(gateway: Gateway, client: 
     codes = {r.status_code for r in responses}
     assert codes <= {200, 503} and 503 in codes and 200 in codes
     refused = next(r for r in responses if r.status_code == 503)
-    assert refused.headers["retry-after"] == "1" and refused.json()["error"] == "over capacity, retry later"
+    assert refused.headers["retry-after"] == "1" and refused.json()["error"].startswith(
+        "over capacity, retry later")
 
 
 def test_deeply_nested_json_is_a_json_400_not_a_500(client: httpx.Client) -> None:
