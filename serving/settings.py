@@ -75,8 +75,9 @@ class StudentSettings(BaseModel):
     """The int8 student inside the gateway replica (opportunistic batching, serving/batching.py)."""
 
     threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads per replica.")
-    max_batch_size: int = Field(32, ge=1, description="Most texts one student batch takes (each still runs "
-                                "unpadded; a batch saves worker-thread hops).")
+    max_batch_size: int = Field(32, ge=1, description="Most texts one student batch takes. A static int8 student "
+                                "runs them as padded, length-sorted runs (one ONNX Runtime call each); a dynamic "
+                                "one runs each text unpadded.")
     batch_wait_timeout_s: float = Field(0.0, ge=0.0, description="How long a batch waits to fill. 0: take what is "
                                         "queued at once; under load the queue fills while the previous batch runs.")
 

@@ -12,6 +12,7 @@ from loadtests.model_only import (
     Row,
     batch1_p50,
     choose_best,
+    format_batches,
     format_model_only,
     model_only_json,
     summarise,
@@ -66,3 +67,26 @@ def test_table_and_json_carry_the_same_numbers() -> None:
     data = json.loads(model_only_json(result))
     assert data["best"]["texts_per_s"] == 150.0 and data["batch1_p50_ms"] == 8.0
     assert [r["texts_per_s"] for r in data["rows"]] == [120.0, 150.0]
+
+
+def test_texts_per_call_rows_count_texts_and_show_the_gain_over_one_per_call() -> None:
+    # 8 texts per call, 250 calls of 4 ms over 1 s: 2000 texts/s, per-call latency stays per call.
+    row = summarise(Arrangement(1, 1), [[0.004] * 250], window_s=1.0, texts_per_call=8, padded=True)
+    assert (row.calls, row.texts_per_call, row.padded) == (250, 8, True)
+    assert row.texts_per_s == pytest.approx(2000.0) and row.p50_ms == pytest.approx(4.0)
+    one = summarise(Arrangement(1, 1), [[0.002] * 500], window_s=1.0, padded=True)
+    table = format_batches([one, row])
+    assert "padded, length-sorted batches" in table and "4.00" in table
+    assert table.splitlines()[-1].split()[:3] == ["8", "2000.0", "4.00"]
+    unpadded = format_batches([summarise(Arrangement(1, 1), [[0.002] * 10], 1.0, 1, False)])
+    assert "one text per session.run" in unpadded
+
+
+def test_the_result_carries_the_batch_rows_in_text_and_json() -> None:
+    rows = [_row(1, 2, 120.0, 8.0)]
+    batches = [summarise(Arrangement(1, 1), [[0.002] * 100], 1.0, 1, True),
+               summarise(Arrangement(1, 1), [[0.010] * 100], 1.0, 32, True)]
+    result = ModelOnlyResult(rows, choose_best(rows), batch1_p50(rows), texts=500, batches=batches)
+    assert "texts per call" in format_model_only(result)
+    data = json.loads(model_only_json(result))
+    assert [(b["texts_per_call"], b["texts_per_s"]) for b in data["batches"]] == [(1, 100.0), (32, 3200.0)]
