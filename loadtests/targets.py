@@ -21,6 +21,8 @@ CLOSED_LOOP = (1, 16, 32, 64, 256)
 LOCUST_USERS = (16, 64)
 SHARE_OF_MODEL = 0.90  # the student route at 32 connections, of the model-only texts/s
 P99_MS = 100.0
+# Auto and teacher-only compared at one p99 the teacher alone can hold on this CPU (its own p99 is near 100 ms).
+COMPARE_P99_MS = 500.0
 C1_OVERHEAD_MS = 2.5  # p50 at one connection over the model-only batch-1 p50
 REFUSAL_P99_MS = 50.0
 OVERLOAD = 2.0
@@ -63,9 +65,12 @@ def closed_loop(run: TargetRun, url: str, texts: list[str], seconds: int, api_ke
             at32["rps"] >= SHARE_OF_MODEL * best and at32["p99_ms"] <= P99_MS)
     if model.batch1_p50_ms is not None:
         over = points[1]["p50_ms"] - model.batch1_p50_ms
+        one_thread = next((r.p50_ms for r in model.rows if (r.processes, r.threads) == (1, 1)), None)
+        aside = "" if one_thread is None else (f"; over the model on one thread, as a replica runs it "
+                                               f"({one_thread:.2f} ms): {points[1]['p50_ms'] - one_thread:+.2f} ms")
         run.add("p50 at one connection over model-only batch-1 p50",
-                f"{points[1]['p50_ms']:.2f} - {model.batch1_p50_ms:.2f} = {over:+.2f} ms", f"<= {C1_OVERHEAD_MS} ms",
-                over <= C1_OVERHEAD_MS)
+                f"{points[1]['p50_ms']:.2f} - {model.batch1_p50_ms:.2f} = {over:+.2f} ms{aside}",
+                f"<= {C1_OVERHEAD_MS} ms", over <= C1_OVERHEAD_MS)
     return max(p["rps"] for p in points.values())
 
 
@@ -97,12 +102,12 @@ def auto_against_teacher(run: TargetRun, url: str, texts: list[str], seconds: in
     """The highest open-loop rate each route holds within the same p99: what the cascade buys."""
     rates = {}
     for route in ("auto", "teacher"):
-        ladder = open_loop_ladder(url, texts, route, route, seconds, P99_MS, api_key)
-        rates[route] = best_open_rate(ladder, route, P99_MS)
+        ladder = open_loop_ladder(url, texts, route, route, seconds, COMPARE_P99_MS, api_key)
+        rates[route] = best_open_rate(ladder, route, COMPARE_P99_MS)
         run.raw[f"ladder_{route}"] = [asdict(r) for r in ladder]
-    ratio = rates["auto"] / rates["teacher"] if rates["teacher"] else float("inf")
-    run.add(f"auto against teacher-only at p99 <= {P99_MS:.0f} ms", f"{rates['auto']:.0f} / {rates['teacher']:.0f} "
-            f"req/s = {ratio:.1f}x", "printed", True)
+    ratio = f"{rates['auto'] / rates['teacher']:.1f}x" if rates["teacher"] else "no teacher-only rate held"
+    run.add(f"auto against teacher-only, highest open-loop rate at p99 <= {COMPARE_P99_MS:.0f} ms",
+            f"{rates['auto']:.0f} / {rates['teacher']:.0f} req/s = {ratio}", "printed", rates["auto"] > 0)
 
 
 def check_targets(url: str, spec: StudentSpec, texts: list[str], seconds: int, api_key: str | None,
