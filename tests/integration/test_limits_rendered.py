@@ -62,13 +62,18 @@ def _helm_env(*sets: str) -> tuple[list[dict], dict]:
 
 @pytest.mark.parametrize("limits", [ProcessLimits(), CUSTOM], ids=["defaults", "custom"])
 def test_the_chart_sets_the_same_environment_on_every_ray_pod(limits: ProcessLimits) -> None:
-    """The chart's template derives the variables itself; it must agree with ProcessLimits.haproxy_env."""
+    """The chart's template derives the variables itself; it must agree with ProcessLimits.haproxy_env, and set
+    the same HAProxy retry policy as `cascade serve`'s fast path."""
+    from cli.main import FAST_PATH_ENV
+
+    retries = {key: value for key, value in FAST_PATH_ENV.items() if key.startswith("RAY_SERVE_HAPROXY_")}
+    assert retries, "the fast path sets HAProxy's retry policy"
     sets = [f"serve.process_limits.{key}={value}" for key, value in limits.model_dump().items()]
     envs, serve_config = _helm_env(*sets)
     assert len(envs) == 2  # head and the CPU worker group
     for env in envs:
         haproxy = {item["name"]: item["value"] for item in env if item["name"].startswith("RAY_SERVE_HAPROXY_")}
-        assert haproxy == limits.haproxy_env()
+        assert haproxy == limits.haproxy_env() | retries
     assert ProcessLimits.from_serve_config(serve_config) == limits
     assert {key: serve_config["http_options"][key] for key in limits.http_options()} == limits.http_options()
 
