@@ -68,7 +68,7 @@ def test_gateway_replica_killed(gateway) -> None:
     """kill -9 of one of the two Gateway replicas at 40 req/s. HAProxy sends a request whose replica died before
     answering (connection closed, `empty-response`) to the other replica (`cascade serve` sets
     RAY_SERVE_HAPROXY_RETRY_ON), as it does a failed connection; the health check then marks the dead one down
-    until Serve has started a new replica. Two runs: 0 and 1 of 1,600 failed (the one: a client connection
+    until Serve has started a new replica. Three runs: 0, 1 and 1 of 1,600 failed (each failure a client connection
     closed unanswered, cause not found); more than 1 in 1,000 fails."""
     victim = replica_pids("Gateway")[0]
     with OpenLoop(f"{gateway.url}/v1/classify", rate=40, seconds=40, body=auto_body, headers=HEADERS) as load:
