@@ -43,6 +43,21 @@ def config_on(home: Path, tmp_path: Path, **settings: object) -> GatewayConfig:
                                          "queue": {"url": f"sqlite:///{tmp_path / 'queue.db'}"}} | settings)
 
 
+def served(tmp_path: Path, threshold: float = 0.9, settings: dict | None = None, **life: object
+           ) -> tuple[Cascade, Path]:
+    """A home with version v1 current, and a cascade configured on it (``life``: ``life_on``'s options)."""
+    home = tmp_path / "home"
+    publish_fake_bundle(home, "v1", threshold=threshold)
+    cascade = life_on(home, **life)
+    cascade.reconfigure(config_on(home, tmp_path, **(settings or {})))
+    return cascade, home
+
+
+# The controller's settings in its tests: a step of 0.05 every 30 s once 50 answers are in.
+CONTROLLED = {"shadow": {"share": 0.1}, "routing": {"target_agreement": 0.97, "controller": {
+    "interval_s": 30.0, "max_step": 0.05, "min_records": 50}}}
+
+
 # -- the admission limit -------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("headroom", "limit"), [(1, 31), (31, 1), (32, None), (33, None), (500, None)])
 def test_the_admission_limit_needs_headroom_below_max_ongoing_requests(headroom: int, limit: int | None) -> None:
@@ -55,11 +70,8 @@ def test_the_admission_limit_needs_headroom_below_max_ongoing_requests(headroom:
 
 
 def test_reconfigure_refuses_a_headroom_at_or_above_the_live_max_ongoing_requests(tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    publish_fake_bundle(home, "v1")
     writers: list[ListWriter] = []
-    cascade = life_on(home, max_ongoing=32, writers=writers)
-    cascade.reconfigure(config_on(home, tmp_path))
+    cascade, home = served(tmp_path, max_ongoing=32, writers=writers)
     config, snapshot = cascade.config, cascade.snapshot
     for headroom in (32, 64):
         changed = config_on(home, tmp_path / "other", limits={"admission_headroom": headroom})
@@ -74,10 +86,7 @@ def test_reconfigure_refuses_a_headroom_at_or_above_the_live_max_ongoing_request
 def test_a_request_past_the_admission_limit_is_refused_and_the_slot_comes_back(tmp_path: Path) -> None:
     from serving.cascade import Overloaded
 
-    home = tmp_path / "home"
-    publish_fake_bundle(home, "v1")
-    cascade = life_on(home, max_ongoing=3)
-    cascade.reconfigure(config_on(home, tmp_path, limits={"admission_headroom": 1}))
+    cascade, _ = served(tmp_path, settings={"limits": {"admission_headroom": 1}}, max_ongoing=3)
     with cascade.admitted(), cascade.admitted():
         assert cascade.in_flight == 2
         with pytest.raises(Overloaded), cascade.admitted():
@@ -115,24 +124,18 @@ def test_a_swap_follows_a_promotion_and_hashes_only_the_students_files(tmp_path:
 
 
 def test_a_rewritten_manifest_swaps_the_policy_and_keeps_the_loaded_student(tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    publish_fake_bundle(home, "v1", threshold=0.9)
-    cascade = life_on(home)
-    cascade.reconfigure(config_on(home, tmp_path))
+    cascade, home = served(tmp_path, threshold=0.9)
     student = cascade.snapshot.student
     registry = Registry(home)
-    served = registry.load("v1")
-    registry.save_manifest(served, served.manifest.model_copy(update={"threshold": 0.7}))
+    loaded = registry.load("v1")
+    registry.save_manifest(loaded, loaded.manifest.model_copy(update={"threshold": 0.7}))
     cascade.beat()
     assert cascade.snapshot.policy.threshold == 0.7
     assert cascade.snapshot.student is student
 
 
 def test_a_bad_promotion_keeps_the_running_model(tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    publish_fake_bundle(home, "v1")
-    cascade = life_on(home)
-    cascade.reconfigure(config_on(home, tmp_path))
+    cascade, home = served(tmp_path)
     Registry(home).current_file.write_text("v-missing\n")
     cascade.beat()
     assert cascade.snapshot.bundle.version == "v1"
@@ -141,11 +144,8 @@ def test_a_bad_promotion_keeps_the_running_model(tmp_path: Path) -> None:
 def test_a_new_queue_url_gets_a_new_writer_and_the_old_one_is_closed(tmp_path: Path) -> None:
     import time
 
-    home = tmp_path / "home"
-    publish_fake_bundle(home, "v1")
     writers: list[ListWriter] = []
-    cascade = life_on(home, writers=writers)
-    cascade.reconfigure(config_on(home, tmp_path))
+    cascade, home = served(tmp_path, writers=writers)
     cascade.reconfigure(config_on(home, tmp_path, routing={"threshold": 0.5}))
     assert len(writers) == 1 and cascade.snapshot.policy.threshold == 0.5
     cascade.reconfigure(config_on(home, tmp_path / "elsewhere"))
@@ -165,13 +165,8 @@ def _disagreeing_traffic(cascade: Cascade, texts: int) -> None:
 
 
 def test_the_controller_moves_the_threshold_one_step_per_interval_on_its_versions_evidence(tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    publish_fake_bundle(home, "v1", threshold=0.5)
     clock = Clock()
-    cascade = life_on(home, clock=clock)
-    controller = {"interval_s": 30.0, "max_step": 0.05, "min_records": 50}
-    cascade.reconfigure(config_on(home, tmp_path, shadow={"share": 0.1},
-                                  routing={"target_agreement": 0.97, "controller": controller}))
+    cascade, _ = served(tmp_path, threshold=0.5, settings=CONTROLLED, clock=clock)
     _disagreeing_traffic(cascade, 200)
     cascade.beat()
     assert cascade.snapshot.policy.threshold == 0.5, "before its interval it does not move"
@@ -186,13 +181,8 @@ def test_the_controller_moves_the_threshold_one_step_per_interval_on_its_version
 
 
 def test_evidence_about_another_version_does_not_move_the_threshold(tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    publish_fake_bundle(home, "v1", threshold=0.5)
     clock = Clock()
-    cascade = life_on(home, clock=clock)
-    controller = {"interval_s": 30.0, "max_step": 0.05, "min_records": 50}
-    cascade.reconfigure(config_on(home, tmp_path, shadow={"share": 0.1},
-                                  routing={"target_agreement": 0.97, "controller": controller}))
+    cascade, _ = served(tmp_path, threshold=0.5, settings=CONTROLLED, clock=clock)
     snapshot = cascade.snapshot
     cascade.evidence.add(np.ones(200), np.full(200, 0.99), 0.5, np.zeros(200, int), np.ones(200, int),
                          "v0-old-student", snapshot.bundle.teacher_version)
@@ -203,11 +193,8 @@ def test_evidence_about_another_version_does_not_move_the_threshold(tmp_path: Pa
 
 # -- the request path over the life's configuration ----------------------------------------------------------
 def test_answers_of_a_reconfigured_cascade_are_recorded_to_its_writer(tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    publish_fake_bundle(home, "v1")
     writers: list[ListWriter] = []
-    cascade = life_on(home, writers=writers)
-    cascade.reconfigure(config_on(home, tmp_path))
+    cascade, _ = served(tmp_path, writers=writers)
     results = run(cascade.classify(["hmm", "sure"], Route.AUTO))
     assert [r["served_by"] for r in results] == ["teacher", "student"]
     assert len(writers[0].records) == 1 and writers[0].records[0].text == "hmm"
