@@ -172,8 +172,6 @@ class _RetryableError(Exception):
 class RemoteTeacher:
     """An Open Inference Protocol v2 REST model as the teacher (pooled, batched, bounded, retried, breaker)."""
 
-    kind = "remote"
-
     def __init__(self, settings: RemoteTeacherSettings, labels: list[str], breaker: Breaker | None = None,
                  version: str | None = None) -> None:
         self.settings, self.version = settings, version
